@@ -1,0 +1,218 @@
+//! A regular file or block device accessed with positional reads and writes
+//! (pread/pwrite), called from tokio's blocking thread pool.
+
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use super::{write_zeroes_by_writing, Backend};
+
+// Linux ioctl numbers from <linux/fs.h>: _IO(0x12, 119), _IO(0x12, 127), _IOR(0x12, 114, size_t).
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// A file or block device opened for exclusive use by this process.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    len: u64,
+    is_block_device: bool,
+}
+
+impl FileBackend {
+    /// Opens `path` read-write and locks it against other users: an exclusive open
+    /// (`O_EXCL`) for a block device, an exclusive OFD lock for a regular file. Another
+    /// nbdcrypt (or anything else taking the same locks) then fails to open it.
+    pub fn open_exclusive(path: &Path) -> io::Result<Self> {
+        let metadata = std::fs::metadata(path)?;
+        let is_block_device = metadata.file_type().is_block_device();
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if is_block_device {
+            options.custom_flags(libc::O_EXCL);
+        }
+        let file = options.open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                io::Error::new(e.kind(), format!("{} is in use by another process (O_EXCL open failed)", path.display()))
+            } else {
+                e
+            }
+        })?;
+        if !is_block_device {
+            lock_file_exclusive(&file).map_err(|e| {
+                io::Error::new(e.kind(), format!("{} is locked by another process: {e}", path.display()))
+            })?;
+        }
+        Self::from_file(file)
+    }
+
+    /// Wraps an already opened file or block device without locking it.
+    pub fn from_file(file: File) -> io::Result<Self> {
+        let is_block_device = file.metadata()?.file_type().is_block_device();
+        let len = if is_block_device { block_device_len(&file)? } else { file.metadata()?.len() };
+        Ok(FileBackend { file, len, is_block_device })
+    }
+
+    /// The open file, for header reads and writes.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Whether the store is a block device rather than a regular file.
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+        let len = libc::off_t::try_from(len).map_err(|_| invalid("length too large"))?;
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+        // `self.file` and stays open for the duration of the call.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn block_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 values (start, length) from the
+        // pointer, which points at `range` and lives until the call returns.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request, range.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl Backend for FileBackend {
+    fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if self.is_block_device {
+            return match self.block_ioctl(BLKZEROOUT, offset, len) {
+                Ok(()) => Ok(()),
+                Err(_) => write_zeroes_by_writing(self, offset, len),
+            };
+        }
+        let fast = if may_unmap {
+            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        } else {
+            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        };
+        match fast {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) => write_zeroes_by_writing(self, offset, len),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let result = if self.is_block_device {
+            self.block_ioctl(BLKDISCARD, offset, len)
+        } else {
+            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        };
+        match result {
+            // Discard is a hint: a store that cannot discard keeps the old bytes.
+            Err(e) if is_unsupported(&e) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENOTTY))
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.to_string())
+}
+
+/// Takes an exclusive open file description lock on the whole file. OFD locks belong to the
+/// open file, not the process, so they also exclude other opens inside this process.
+fn lock_file_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    lock.l_len = 0;
+    // SAFETY: F_OFD_SETLK reads the `flock` struct behind the pointer, which is valid for
+    // the duration of the call; the descriptor is open.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Returns the size in bytes of a block device.
+pub fn block_device_len(file: &File) -> io::Result<u64> {
+    let mut len: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `len`.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut len as *mut u64) };
+    if rc == 0 {
+        Ok(len)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_of_a_locked_file_fails() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8192).unwrap();
+        let first = FileBackend::open_exclusive(file.path()).unwrap();
+        let second = FileBackend::open_exclusive(file.path());
+        assert!(second.is_err());
+        drop(first);
+        FileBackend::open_exclusive(file.path()).unwrap();
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_read_back_zeros() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = FileBackend::open_exclusive(file.path()).unwrap();
+        backend.write_at(&[0xaa; 65536], 0).unwrap();
+        backend.write_zeroes(4096, 8192, true).unwrap();
+        backend.write_zeroes(16384, 4096, false).unwrap();
+        backend.discard(32768, 4096).unwrap();
+        let mut buf = vec![0u8; 65536];
+        backend.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0xaa));
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert!(buf[16384..20480].iter().all(|&b| b == 0));
+        assert!(buf[32768..36864].iter().all(|&b| b == 0));
+        assert!(buf[36864..].iter().all(|&b| b == 0xaa));
+    }
+}
