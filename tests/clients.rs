@@ -1,0 +1,318 @@
+//! End-to-end tests with real NBD clients against the built `nbdcrypt` binary: qemu-io,
+//! qemu-img, nbdinfo, nbdcopy, nbdsh (python3-libnbd), fio's nbd engine, and cryptsetup as
+//! the LUKS2 oracle.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn qemu_io_unaligned_writes_and_zeroing() {
+    require_tool("qemu-io");
+    let ws = Workspace::new();
+    ws.create_volume("vol.img", "64M", &[]);
+    let server = ws.serve(&[ws.path("vol.img").to_str().unwrap()]);
+
+    let output = run(Command::new("qemu-io").args([
+        "-f", "raw",
+        "-c", "write -P 0x11 0 1M",
+        "-c", "write -P 0x22 1000 7777",
+        "-c", "write -P 0x33 4095 2",
+        "-c", "write -z 100000 50000",
+        "-c", "read -P 0x11 0 1000",
+        "-c", "read -P 0x22 1000 3095",
+        "-c", "read -P 0x33 4095 2",
+        "-c", "read -P 0x22 4097 4680",
+        "-c", "read -P 0x11 8777 91223",
+        "-c", "read -P 0 100000 50000",
+        "-c", "read -P 0x11 150000 898576",
+        "-c", "read -P 0 1M 63M",
+        &server.uri("vol"),
+    ]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
+    assert!(!stdout.contains("failed"), "{stdout}");
+}
+
+#[test]
+fn nbdinfo_reports_size_and_capabilities() {
+    require_tool("nbdinfo");
+    let ws = Workspace::new();
+    ws.create_volume("disk.img", "10M", &["--sector-size", "512"]);
+    let server = ws.serve(&[ws.path("disk.img").to_str().unwrap(), "--discard"]);
+
+    let output = run(Command::new("nbdinfo").args(["--json", &server.uri("disk")]));
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], 10 * 1024 * 1024);
+    assert_eq!(export["can_flush"], true);
+    assert_eq!(export["can_fua"], true);
+    assert_eq!(export["can_trim"], true);
+    assert_eq!(export["can_zero"], true);
+    assert_eq!(export["can_multi_conn"], true);
+    assert_eq!(export["block_size_minimum"], 1);
+    assert_eq!(export["block_size_preferred"], 512);
+
+    // The empty export name selects the only export.
+    let output = run(Command::new("nbdinfo").args(["--size", &format!("nbd+unix:///?socket={}", server.socket.display())]));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "10485760");
+}
+
+#[test]
+fn nbdcopy_round_trip_survives_restart_and_stores_no_plaintext() {
+    require_tool("nbdcopy");
+    let ws = Workspace::new();
+    let volume = ws.create_volume("data.img", "32M", &[]);
+
+    // Recognisable plaintext: random data with a marker string repeated through it.
+    let marker = b"NBDCRYPT-PLAINTEXT-MARKER-0123456789";
+    let mut plaintext = pseudo_random(20 * 1024 * 1024 + 123, 7);
+    for chunk in plaintext.chunks_mut(65536) {
+        let n = marker.len().min(chunk.len());
+        chunk[..n].copy_from_slice(&marker[..n]);
+    }
+    let input = ws.path("input.bin");
+    fs::write(&input, &plaintext).unwrap();
+
+    let server = ws.serve(&[volume.to_str().unwrap()]);
+    run(Command::new("nbdcopy").args([input.to_str().unwrap(), &server.uri("data")]));
+    assert!(server.stop().success());
+
+    assert!(!file_contains(&volume, marker), "the backing file holds plaintext");
+    assert!(!file_contains(&volume, &plaintext[4096..4096 + 64]), "the backing file holds plaintext");
+
+    let server = ws.serve(&[volume.to_str().unwrap()]);
+    let output = ws.path("output.bin");
+    run(Command::new("nbdcopy").args([&server.uri("data"), output.to_str().unwrap()]));
+    let copied = fs::read(&output).unwrap();
+    assert_eq!(copied.len(), 32 * 1024 * 1024);
+    assert!(copied[..plaintext.len()] == plaintext[..], "data read back after restart differs");
+    assert!(copied[plaintext.len()..].iter().all(|&b| b == 0), "never-written sectors are not zeros");
+}
+
+#[test]
+fn qemu_img_convert_and_compare() {
+    require_tool("qemu-img");
+    let ws = Workspace::new();
+    ws.create_volume("img.img", "16M", &[]);
+    let server = ws.serve(&[ws.path("img.img").to_str().unwrap()]);
+
+    let source = ws.path("source.raw");
+    let mut data = pseudo_random(16 * 1024 * 1024, 11);
+    data[4 * 1024 * 1024..8 * 1024 * 1024].fill(0);
+    fs::write(&source, &data).unwrap();
+
+    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw",
+        source.to_str().unwrap(), &server.uri("img")]));
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw",
+        source.to_str().unwrap(), &server.uri("img")]));
+}
+
+#[test]
+fn nbdsh_many_requests_in_flight() {
+    require_tool("nbdsh");
+    let ws = Workspace::new();
+    ws.create_volume("aio.img", "8M", &[]);
+    let server = ws.serve(&[ws.path("aio.img").to_str().unwrap(), "--discard"]);
+
+    // 64 overlapping-free writes issued without waiting, then reads checked, then a trim.
+    let script = r#"
+import os
+size = h.get_size()
+bufs = []
+for i in range(64):
+    data = bytes([(i * 7 + 1) % 256]) * 4096 + os.urandom(3000)
+    off = i * 131072 + (i % 5) * 1000
+    buf = nbd.Buffer.from_bytearray(bytearray(data))
+    bufs.append((off, data, buf, h.aio_pwrite(buf, off)))
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for off, data, buf, cookie in bufs:
+    assert h.aio_command_completed(cookie), cookie
+h.flush()
+for off, data, buf, cookie in bufs:
+    assert h.pread(len(data), off) == data, off
+h.trim(4096, 131072)
+assert h.pread(4096, 131072) == bytes(4096), "trimmed whole sector does not read as zeros"
+h.zero(65536, 1)
+assert h.pread(65536, 1) == bytes(65536)
+try:
+    h.pread(4096, size)
+    raise SystemExit("read past the end succeeded")
+except nbd.Error as e:
+    assert e.errno == 22, e
+print("OK")
+"#;
+    let output = run(debian_tool("nbdsh").args(["-u", &server.uri("aio"), "-c", script]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+}
+
+#[test]
+fn fio_nbd_engine_verify() {
+    require_tool("fio");
+    let ws = Workspace::new();
+    ws.create_volume("fio.img", "64M", &[]);
+    let server = ws.serve(&[ws.path("fio.img").to_str().unwrap()]);
+
+    let output = run(Command::new("fio").args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", server.uri("fio")),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--bsrange=512-64k",
+        "--size=32M",
+        "--iodepth=32",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--output-format=json",
+    ]));
+    let report = parse_json_output(&output.stdout);
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "fio reported an error: {job}");
+    assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 32 * 1024 * 1024);
+}
+
+#[test]
+fn cryptsetup_reads_header_and_token() {
+    require_tool("cryptsetup");
+    let ws = Workspace::new();
+    let volume = ws.create_volume("luks.img", "20M", &[]);
+
+    let dump = run(Command::new("cryptsetup").args(["luksDump", volume.to_str().unwrap()]));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("Version:       \t2"), "{dump}");
+    assert!(dump.contains("nbdcrypt-kms"), "{dump}");
+    assert!(dump.contains("aes-xts-plain64"), "{dump}");
+    assert!(dump.contains("sector: 4096"), "{dump}");
+
+    let info = run(Command::new(BIN).args(["info", "--json", volume.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+
+    let token = run(Command::new("cryptsetup").args(["token", "export", "--token-id", "0", volume.to_str().unwrap()]));
+    let token: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
+    assert_eq!(token["type"], "nbdcrypt-kms");
+    assert_eq!(token["key_provider"], "local");
+    assert_eq!(token["key_id"], info["key_id"]);
+    assert_eq!(token["wrap_alg"], "aes-kw");
+    assert_eq!(token["keyslots"], serde_json::json!([]));
+
+    let uuid = run(Command::new("cryptsetup").args(["luksUUID", volume.to_str().unwrap()]));
+    assert_eq!(String::from_utf8_lossy(&uuid.stdout).trim(), info["uuid"].as_str().unwrap());
+}
+
+#[test]
+fn create_refuses_existing_filesystem_without_force() {
+    require_tool("mkfs.ext4");
+    let ws = Workspace::new();
+    let path = ws.path("fs.img");
+    fs::File::create(&path).unwrap().set_len(32 * 1024 * 1024).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F", path.to_str().unwrap()]));
+
+    let output = ws.nbdcrypt(&["create", path.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ext2/ext3/ext4") && stderr.contains("--force"), "{stderr}");
+
+    let output = ws.nbdcrypt(&["create", path.to_str().unwrap(), "--force"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // An existing LUKS header is protected too.
+    let output = ws.nbdcrypt(&["create", path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("LUKS"));
+}
+
+#[test]
+fn wipe_writes_encrypted_zeros_over_old_contents() {
+    let ws = Workspace::new();
+    let path = ws.path("old.img");
+    fs::write(&path, vec![0x5a; 17 * 1024 * 1024]).unwrap();
+    let output = ws.nbdcrypt(&["create", path.to_str().unwrap(), "--wipe"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let server = ws.serve(&[path.to_str().unwrap()]);
+    require_tool("nbdsh");
+    let output = run(debian_tool("nbdsh").args(["-u", &server.uri("old"), "-c",
+        "assert h.get_size() == 1048576\nassert h.pread(1048576, 0) == bytes(1048576)\nprint('OK')"]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+    drop(server);
+    assert!(!file_contains(&path, &[0x5a; 64]), "old contents survived the wipe");
+}
+
+#[test]
+fn second_server_cannot_open_a_served_volume() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("locked.img", "1M", &[]);
+    let _server = ws.serve(&[volume.to_str().unwrap()]);
+    let output = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", volume.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("locked by another process"), "{stderr}");
+}
+
+#[test]
+fn duplicate_export_names_are_rejected() {
+    let ws = Workspace::new();
+    fs::create_dir(ws.path("a")).unwrap();
+    fs::create_dir(ws.path("b")).unwrap();
+    let first = ws.create_volume("a/disk.img", "1M", &[]);
+    let second = ws.create_volume("b/disk.img", "1M", &[]);
+    let output = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", first.to_str().unwrap(), second.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("two exports are named \"disk\""));
+}
+
+#[test]
+fn wrong_kek_is_refused_at_serve() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("k.img", "1M", &[]);
+    let info = run(Command::new(BIN).args(["info", "--json", volume.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let key_path = ws.keystore().join(info["key_id"].as_str().unwrap());
+    fs::write(&key_path, [9u8; 32]).unwrap();
+
+    let output = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", volume.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("wrong key-encryption key or corrupt wrapped key"), "{stderr}");
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests() {
+    require_tool("nbdsh");
+    let ws = Workspace::new();
+    ws.create_volume("term.img", "64M", &[]);
+    let server = ws.serve(&[ws.path("term.img").to_str().unwrap()]);
+    let uri = server.uri("term");
+
+    // A client writes in a loop; SIGTERM arrives while it runs. Every acknowledged write must
+    // be on disk after the server stops.
+    let script = r#"
+import sys
+n = 0
+try:
+    while True:
+        h.pwrite(bytes([n % 250 + 1]) * 65536, (n % 1000) * 65536)
+        n += 1
+        print(n, flush=True)
+except nbd.Error:
+    pass
+"#;
+    let client = debian_tool("nbdsh").args(["-u", &uri, "-c", script])
+        .stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = server.stop();
+    assert!(status.success(), "serve exited with {status}");
+    let output = client.wait_with_output().unwrap();
+    let acked: u64 = String::from_utf8_lossy(&output.stdout).lines().last().and_then(|l| l.parse().ok()).unwrap_or(0);
+    assert!(acked > 0, "client made no progress before SIGTERM");
+
+    let server = ws.serve(&[ws.path("term.img").to_str().unwrap()]);
+    let last = acked - 1;
+    let check = format!("assert h.pread(65536, {}) == bytes([{}]) * 65536\nprint('OK')", (last % 1000) * 65536, last % 250 + 1);
+    let output = run(debian_tool("nbdsh").args(["-u", &server.uri("term"), "-c", &check]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+}
