@@ -139,11 +139,12 @@ h.trim(4096, 131072)
 assert h.pread(4096, 131072) == bytes(4096), "trimmed whole sector does not read as zeros"
 h.zero(65536, 1)
 assert h.pread(65536, 1) == bytes(65536)
+h.set_strict_mode(0)
 try:
     h.pread(4096, size)
     raise SystemExit("read past the end succeeded")
 except nbd.Error as e:
-    assert e.errno == 22, e
+    assert "command failed" in str(e) and "EINVAL" in str(e), e
 print("OK")
 "#;
     let output = run(debian_tool("nbdsh").args(["-u", &server.uri("aio"), "-c", script]));
