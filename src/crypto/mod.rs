@@ -6,9 +6,11 @@
 //! A 4096-byte sector n therefore uses tweak 8·n.
 
 mod keys;
+mod locked;
 mod wrap;
 mod xts;
 
+pub use locked::LockedBox;
 pub use keys::{Kek, VolumeKey, KEK_LEN, VOLUME_KEY_LEN};
 pub use wrap::{unwrap_volume_key, wrap_volume_key, WRAPPED_VOLUME_KEY_LEN};
 pub use xts::{SectorCipher, SectorSize};

@@ -8,6 +8,7 @@ use aes::cipher::typenum::U16;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Aes256Enc};
 
+use super::locked::LockedBox;
 use super::{CryptoError, VolumeKey};
 
 /// AES block length in bytes.
@@ -58,22 +59,28 @@ impl SectorSize {
     }
 }
 
-/// Encrypts and decrypts whole sectors of one volume.
+/// Encrypts and decrypts whole sectors of one volume. The expanded keys live in locked,
+/// non-dumpable memory and are zeroized when the cipher drops.
 pub struct SectorCipher {
+    keys: LockedBox<XtsKeys>,
+    sector_size: SectorSize,
+}
+
+/// The two AES-256 key schedules of XTS: data (Key1) and tweak (Key2).
+struct XtsKeys {
     data: Aes256,
     tweak: Aes256Enc,
-    sector_size: SectorSize,
 }
 
 impl SectorCipher {
     /// Prepares the AES key schedules for `key`. The volume key already rejects equal halves.
     pub fn new(key: &VolumeKey, sector_size: SectorSize) -> Self {
         let (data_key, tweak_key) = key.as_bytes().split_at(32);
-        SectorCipher {
+        let keys = XtsKeys {
             data: Aes256::new(GenericArray::from_slice(data_key)),
             tweak: Aes256Enc::new(GenericArray::from_slice(tweak_key)),
-            sector_size,
-        }
+        };
+        SectorCipher { keys: LockedBox::new(keys), sector_size }
     }
 
     /// The sector size this cipher was built for.
@@ -110,7 +117,7 @@ impl SectorCipher {
     fn apply_data_unit(&self, tweak_value: u64, unit: &mut [u8], direction: Direction) {
         let mut tweak_block = GenericArray::<u8, U16>::default();
         tweak_block[..8].copy_from_slice(&tweak_value.to_le_bytes());
-        self.tweak.encrypt_block(&mut tweak_block);
+        self.keys.tweak.encrypt_block(&mut tweak_block);
         let mut tweak = u128::from_le_bytes(tweak_block.into());
 
         let mut tweaks = [0u128; BATCH_BLOCKS];
@@ -124,8 +131,8 @@ impl SectorCipher {
             xor_tweaks(batch, &tweaks[..blocks]);
             let (block_buf, _tail) = InOutBuf::from(&mut *batch).into_chunks::<U16>();
             match direction {
-                Direction::Encrypt => self.data.encrypt_blocks_inout(block_buf),
-                Direction::Decrypt => self.data.decrypt_blocks_inout(block_buf),
+                Direction::Encrypt => self.keys.data.encrypt_blocks_inout(block_buf),
+                Direction::Decrypt => self.keys.data.decrypt_blocks_inout(block_buf),
             }
             xor_tweaks(batch, &tweaks[..blocks]);
         }
