@@ -17,19 +17,32 @@ fn qemu_io_unaligned_writes_and_zeroing() {
     let server = ws.serve(&[ws.path("vol.img").to_str().unwrap()]);
 
     let output = run(Command::new("qemu-io").args([
-        "-f", "raw",
-        "-c", "write -P 0x11 0 1M",
-        "-c", "write -P 0x22 1000 7777",
-        "-c", "write -P 0x33 4095 2",
-        "-c", "write -z 100000 50000",
-        "-c", "read -P 0x11 0 1000",
-        "-c", "read -P 0x22 1000 3095",
-        "-c", "read -P 0x33 4095 2",
-        "-c", "read -P 0x22 4097 4680",
-        "-c", "read -P 0x11 8777 91223",
-        "-c", "read -P 0 100000 50000",
-        "-c", "read -P 0x11 150000 898576",
-        "-c", "read -P 0 1M 63M",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 0 1M",
+        "-c",
+        "write -P 0x22 1000 7777",
+        "-c",
+        "write -P 0x33 4095 2",
+        "-c",
+        "write -z 100000 50000",
+        "-c",
+        "read -P 0x11 0 1000",
+        "-c",
+        "read -P 0x22 1000 3095",
+        "-c",
+        "read -P 0x33 4095 2",
+        "-c",
+        "read -P 0x22 4097 4680",
+        "-c",
+        "read -P 0x11 8777 91223",
+        "-c",
+        "read -P 0 100000 50000",
+        "-c",
+        "read -P 0x11 150000 898576",
+        "-c",
+        "read -P 0 1M 63M",
         &server.uri("vol"),
     ]));
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -57,7 +70,9 @@ fn nbdinfo_reports_size_and_capabilities() {
     assert_eq!(export["block_size_preferred"], 512);
 
     // The empty export name selects the only export.
-    let output = run(Command::new("nbdinfo").args(["--size", &format!("nbd+unix:///?socket={}", server.socket.display())]));
+    let output =
+        run(Command::new("nbdinfo")
+            .args(["--size", &format!("nbd+unix:///?socket={}", server.socket.display())]));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "10485760");
 }
 
@@ -105,10 +120,25 @@ fn qemu_img_convert_and_compare() {
     data[4 * 1024 * 1024..8 * 1024 * 1024].fill(0);
     fs::write(&source, &data).unwrap();
 
-    run(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw",
-        source.to_str().unwrap(), &server.uri("img")]));
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw",
-        source.to_str().unwrap(), &server.uri("img")]));
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        source.to_str().unwrap(),
+        &server.uri("img"),
+    ]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        source.to_str().unwrap(),
+        &server.uri("img"),
+    ]));
 }
 
 #[test]
@@ -194,7 +224,13 @@ fn cryptsetup_reads_header_and_token() {
     let info = run(Command::new(BIN).args(["info", "--json", volume.to_str().unwrap()]));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
 
-    let token = run(Command::new("cryptsetup").args(["token", "export", "--token-id", "0", volume.to_str().unwrap()]));
+    let token = run(Command::new("cryptsetup").args([
+        "token",
+        "export",
+        "--token-id",
+        "0",
+        volume.to_str().unwrap(),
+    ]));
     let token: serde_json::Value = serde_json::from_slice(&token.stdout).unwrap();
     assert_eq!(token["type"], "nbdcrypt-kms");
     assert_eq!(token["key_provider"], "local");
@@ -236,8 +272,12 @@ fn wipe_writes_encrypted_zeros_over_old_contents() {
 
     let server = ws.serve(&[path.to_str().unwrap()]);
     require_tool("nbdsh");
-    let output = run(debian_tool("nbdsh").args(["-u", &server.uri("old"), "-c",
-        "assert h.get_size() == 1048576\nassert h.pread(1048576, 0) == bytes(1048576)\nprint('OK')"]));
+    let output = run(debian_tool("nbdsh").args([
+        "-u",
+        &server.uri("old"),
+        "-c",
+        "assert h.get_size() == 1048576\nassert h.pread(1048576, 0) == bytes(1048576)\nprint('OK')",
+    ]));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
     drop(server);
     assert!(!file_contains(&path, &[0x5a; 64]), "old contents survived the wipe");
@@ -261,7 +301,8 @@ fn duplicate_export_names_are_rejected() {
     fs::create_dir(ws.path("b")).unwrap();
     let first = ws.create_volume("a/disk.img", "1M", &[]);
     let second = ws.create_volume("b/disk.img", "1M", &[]);
-    let output = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", first.to_str().unwrap(), second.to_str().unwrap()]);
+    let output =
+        ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", first.to_str().unwrap(), second.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("two exports are named \"disk\""));
 }
@@ -302,18 +343,26 @@ try:
 except nbd.Error:
     pass
 "#;
-    let client = debian_tool("nbdsh").args(["-u", &uri, "-c", script])
-        .stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let client = debian_tool("nbdsh")
+        .args(["-u", &uri, "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let status = server.stop();
     assert!(status.success(), "serve exited with {status}");
     let output = client.wait_with_output().unwrap();
-    let acked: u64 = String::from_utf8_lossy(&output.stdout).lines().last().and_then(|l| l.parse().ok()).unwrap_or(0);
+    let acked: u64 =
+        String::from_utf8_lossy(&output.stdout).lines().last().and_then(|l| l.parse().ok()).unwrap_or(0);
     assert!(acked > 0, "client made no progress before SIGTERM");
 
     let server = ws.serve(&[ws.path("term.img").to_str().unwrap()]);
     let last = acked - 1;
-    let check = format!("assert h.pread(65536, {}) == bytes([{}]) * 65536\nprint('OK')", (last % 1000) * 65536, last % 250 + 1);
+    let check = format!(
+        "assert h.pread(65536, {}) == bytes([{}]) * 65536\nprint('OK')",
+        (last % 1000) * 65536,
+        last % 250 + 1
+    );
     let output = run(debian_tool("nbdsh").args(["-u", &server.uri("term"), "-c", &check]));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
 }

@@ -63,7 +63,8 @@ fn kernel_nbd_client_builds_and_checks_ext4() {
     assert!(stdout.contains("run-guest: PASS"), "{stdout}");
 
     // Two connections (nbd-client -C 2) use CAN_MULTI_CONN; the file written above survives.
-    let stdout = run_guest(&["kernel-nbd-client", "--export", "kernel", "--connections", "2", "--keep", &socket]);
+    let stdout =
+        run_guest(&["kernel-nbd-client", "--export", "kernel", "--connections", "2", "--keep", &socket]);
     assert!(stdout.contains("run-guest: PASS"), "{stdout}");
     assert!(server.stop().success());
     assert!(!file_contains(&volume, b"lost+found"), "the backing file holds plaintext directory names");
@@ -85,7 +86,13 @@ fn qemu_drive_ext4_survives_server_restart() {
 
     let server = ws.serve(&[volume.to_str().unwrap()]);
     let stdout = run_guest(&[
-        "qemu-drive", "--export", "drive", "--verify-only", "--expect-sha256", &sha, server.socket.to_str().unwrap(),
+        "qemu-drive",
+        "--export",
+        "drive",
+        "--verify-only",
+        "--expect-sha256",
+        &sha,
+        server.socket.to_str().unwrap(),
     ]);
     assert!(stdout.contains("run-guest: PASS"), "{stdout}");
 }
@@ -111,7 +118,11 @@ fn dm_crypt_reads_the_plaintext_nbdcrypt_wrote() {
 
         // The export itself is plaintext, so dm-crypt opens the backing file.
         let stdout = run_guest(&[
-            "dm-crypt", "--key-file", key_file.to_str().unwrap(), "--expect-sha256", &expected,
+            "dm-crypt",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--expect-sha256",
+            &expected,
             volume.to_str().unwrap(),
         ]);
         assert!(stdout.contains("run-guest: PASS"), "sector size {sector_size}: {stdout}");

@@ -26,19 +26,33 @@ struct TestServer {
 
 impl TestServer {
     fn start(discard: bool) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {
                 let backend = Arc::new(MemoryBackend::new((DATA_OFFSET + EXPORT_SIZE) as usize));
                 let key = VolumeKey::generate().unwrap();
-                let options = ExportOptions { name: "disk".into(), description: "test".into(), discard, read_only: false };
-                let export = Export::new(options, backend, SectorCipher::new(&key, SectorSize::S4096), DATA_OFFSET, EXPORT_SIZE);
+                let options = ExportOptions {
+                    name: "disk".into(),
+                    description: "test".into(),
+                    discard,
+                    read_only: false,
+                };
+                let export = Export::new(
+                    options,
+                    backend,
+                    SectorCipher::new(&key, SectorSize::S4096),
+                    DATA_OFFSET,
+                    EXPORT_SIZE,
+                );
                 let table = Arc::new(ExportTable::new(vec![Arc::new(export)]).unwrap());
-                let listener = Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
+                let listener =
+                    Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let limits = ServerLimits { shutdown_timeout: Duration::from_secs(2), ..ServerLimits::default() };
+                let limits =
+                    ServerLimits { shutdown_timeout: Duration::from_secs(2), ..ServerLimits::default() };
                 daemon::serve(vec![listener], table, limits, async {
                     let _ = stop_rx.await;
                 })
@@ -216,7 +230,10 @@ fn unsupported_options_get_err_unsup_and_negotiation_continues() {
     }
 
     let replies = client.go("disk");
-    let export_info = replies.iter().find(|r| r.reply_type == REP_INFO && r.data[..2] == INFO_EXPORT.to_be_bytes()).unwrap();
+    let export_info = replies
+        .iter()
+        .find(|r| r.reply_type == REP_INFO && r.data[..2] == INFO_EXPORT.to_be_bytes())
+        .unwrap();
     assert_eq!(export_info.data.len(), 12);
     assert_eq!(u64::from_be_bytes(export_info.data[2..10].try_into().unwrap()), EXPORT_SIZE);
     let flags = u16::from_be_bytes(export_info.data[10..12].try_into().unwrap());
@@ -277,7 +294,9 @@ fn info_and_go_handle_unknown_and_malformed_names() {
 #[test]
 fn export_name_reply_honours_no_zeroes() {
     let server = TestServer::start(false);
-    for (flags, expected_len) in [(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10), (FLAG_C_FIXED_NEWSTYLE, 134)] {
+    for (flags, expected_len) in
+        [(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10), (FLAG_C_FIXED_NEWSTYLE, 134)]
+    {
         let mut client = server.connect();
         client.greet(flags);
         client.send_option(OPT_EXPORT_NAME, b"disk");
@@ -374,11 +393,13 @@ fn many_requests_in_flight_all_get_answers() {
         batch.extend_from_slice(&frame);
     }
     client.stream.write_all(&batch).unwrap();
-    let mut cookies: Vec<u64> = (0..200).map(|_| {
-        let (error, cookie) = client.read_reply();
-        assert_eq!(error, 0);
-        cookie
-    }).collect();
+    let mut cookies: Vec<u64> = (0..200)
+        .map(|_| {
+            let (error, cookie) = client.read_reply();
+            assert_eq!(error, 0);
+            cookie
+        })
+        .collect();
     cookies.sort_unstable();
     assert_eq!(cookies, (1000..1200).collect::<Vec<_>>());
 

@@ -38,7 +38,10 @@ impl FileBackend {
         }
         let file = options.open(path).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
-                io::Error::new(e.kind(), format!("{} is in use by another process (O_EXCL open failed)", path.display()))
+                io::Error::new(
+                    e.kind(),
+                    format!("{} is in use by another process (O_EXCL open failed)", path.display()),
+                )
             } else {
                 e
             }
@@ -145,7 +148,10 @@ impl Backend for FileBackend {
 }
 
 fn is_unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENOTTY))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENOTTY)
+    )
 }
 
 fn invalid(message: &str) -> io::Error {

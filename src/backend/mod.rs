@@ -38,7 +38,11 @@ pub trait Backend: Send + Sync + 'static {
 pub(crate) const ZERO_CHUNK: usize = 1024 * 1024;
 
 /// Writes literal zeros, for stores or file systems without a faster way.
-pub(crate) fn write_zeroes_by_writing<B: Backend + ?Sized>(backend: &B, offset: u64, len: u64) -> io::Result<()> {
+pub(crate) fn write_zeroes_by_writing<B: Backend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
     let mut done = 0u64;
     while done < len {

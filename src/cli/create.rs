@@ -117,7 +117,8 @@ fn prepare_backing_store(
     };
 
     let Some(metadata) = metadata else {
-        let size = requested.with_context(|| format!("{} does not exist; give --size to create it", path.display()))?;
+        let size = requested
+            .with_context(|| format!("{} does not exist; give --size to create it", path.display()))?;
         let size = size.div_ceil(sector) * sector;
         let file = OpenOptions::new()
             .read(true)
@@ -135,7 +136,8 @@ fn prepare_backing_store(
     if !metadata.is_file() && !metadata.file_type().is_block_device() {
         bail!("{} is neither a regular file nor a block device", path.display());
     }
-    let backend = FileBackend::open_exclusive(path).with_context(|| format!("opening {} failed", path.display()))?;
+    let backend =
+        FileBackend::open_exclusive(path).with_context(|| format!("opening {} failed", path.display()))?;
     if let Some(signature) = detect_signature(backend.file())? {
         if !force {
             bail!(
@@ -204,13 +206,22 @@ fn detect_signature(file: &std::fs::File) -> Result<Option<&'static str>> {
     Ok(checks.into_iter().find(|(found, _)| *found).map(|(_, name)| name))
 }
 
-fn wipe(backend: &Arc<FileBackend>, key: &VolumeKey, sector_size: SectorSize, offset: u64, len: u64) -> Result<()> {
-    let options = ExportOptions { name: String::new(), description: String::new(), discard: false, read_only: false };
+fn wipe(
+    backend: &Arc<FileBackend>,
+    key: &VolumeKey,
+    sector_size: SectorSize,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    let options =
+        ExportOptions { name: String::new(), description: String::new(), discard: false, read_only: false };
     let export = Export::new(options, backend.clone(), SectorCipher::new(key, sector_size), offset, len);
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("wiping {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "wiping {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     export.wipe_blocking(|done| bar.set_position(done)).context("wiping the data area failed")?;
     bar.finish();

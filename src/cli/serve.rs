@@ -78,7 +78,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
 
     let mut listeners = Vec::new();
     for address in &addresses {
-        let listener = Listener::bind(address).await.with_context(|| format!("listening on {address:?} failed"))?;
+        let listener =
+            Listener::bind(address).await.with_context(|| format!("listening on {address:?} failed"))?;
         match (&listener, address) {
             (_, ListenAddr::Unix(path)) => info!(socket = %path.display(), "listening"),
             (listener, ListenAddr::Tcp(_)) => {
@@ -157,10 +158,9 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
     let provider = providers.get(Some(&token.key_provider))?;
 
     let wrapped = WrappedKey { alg: token.wrap_alg, bytes: token.wrapped_key.clone() };
-    let volume_key = provider
-        .unwrap_volume_key(&token.key_id, &wrapped)
-        .await
-        .with_context(|| format!("unlocking with key {:?} of provider {:?} failed", token.key_id, token.key_provider))?;
+    let volume_key = provider.unwrap_volume_key(&token.key_id, &wrapped).await.with_context(|| {
+        format!("unlocking with key {:?} of provider {:?} failed", token.key_id, token.key_provider)
+    })?;
     header.verify_volume_key(&volume_key)?;
     if header.needs_repair {
         tracing::warn!(path = %config.path.display(), "one LUKS2 header copy is damaged or stale");
@@ -192,10 +192,9 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
 }
 
 fn default_export_name(path: &Path) -> Result<String> {
-    path.file_stem()
-        .and_then(|stem| stem.to_str())
-        .map(str::to_string)
-        .with_context(|| format!("{} has no UTF-8 file name to use as export name; give --name", path.display()))
+    path.file_stem().and_then(|stem| stem.to_str()).map(str::to_string).with_context(|| {
+        format!("{} has no UTF-8 file name to use as export name; give --name", path.display())
+    })
 }
 
 /// Tells systemd (Type=notify) that the daemon is ready, when NOTIFY_SOCKET is set.

@@ -10,8 +10,8 @@ mod locked;
 mod wrap;
 mod xts;
 
-pub use locked::LockedBox;
 pub use keys::{Kek, VolumeKey, KEK_LEN, VOLUME_KEY_LEN};
+pub use locked::LockedBox;
 pub use wrap::{unwrap_volume_key, wrap_volume_key, WRAPPED_VOLUME_KEY_LEN};
 pub use xts::{SectorCipher, SectorSize};
 

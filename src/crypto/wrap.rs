@@ -67,9 +67,8 @@ mod tests {
         // RFC 3394 section 4.6: 256 bits of key data wrapped with a 256-bit KEK.
         let kek = hex("000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F");
         let data = hex("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F");
-        let expected = hex(
-            "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21",
-        );
+        let expected =
+            hex("28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21");
         let wrapper = KekAes256::from(<[u8; 32]>::try_from(kek.as_slice()).unwrap());
         let mut out = vec![0u8; 40];
         wrapper.wrap(&data, &mut out).unwrap();

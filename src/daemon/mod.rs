@@ -274,8 +274,10 @@ pub fn disable_core_dumps() -> std::io::Result<()> {
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn termination_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds in a tokio runtime");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds in a tokio runtime");
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds in a tokio runtime");
+    let mut int =
+        signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds in a tokio runtime");
     tokio::select! {
         _ = term.recv() => info!("received SIGTERM"),
         _ = int.recv() => info!("received SIGINT"),

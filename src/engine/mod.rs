@@ -133,7 +133,12 @@ impl Export {
         let sector = self.sector_size().len_u64();
         let first = offset / sector;
         let end = (offset + len).div_ceil(sector);
-        SectorSpan { first, count: end - first, head: (offset % sector) as usize, sector_len: sector as usize }
+        SectorSpan {
+            first,
+            count: end - first,
+            head: (offset % sector) as usize,
+            sector_len: sector as usize,
+        }
     }
 
     /// Reads and decrypts `len` bytes at `offset`.

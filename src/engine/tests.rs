@@ -11,7 +11,8 @@ fn export_with(sector_size: SectorSize, sectors: u64, discard: bool) -> (Arc<Exp
     let backend = Arc::new(MemoryBackend::new((DATA_OFFSET + size) as usize));
     let key = VolumeKey::generate().unwrap();
     let options = ExportOptions { name: "t".into(), description: String::new(), discard, read_only: false };
-    let export = Export::new(options, backend.clone(), SectorCipher::new(&key, sector_size), DATA_OFFSET, size);
+    let export =
+        Export::new(options, backend.clone(), SectorCipher::new(&key, sector_size), DATA_OFFSET, size);
     (Arc::new(export), backend)
 }
 
@@ -105,7 +106,8 @@ async fn overlapping_concurrent_writes_serialise() {
         let (export, _) = export_with(SectorSize::S4096, 4, false);
         let a = vec![0xaa_u8; 6000];
         let b = vec![0xbb_u8; 6000];
-        let (ra, rb) = tokio::join!(export.write(100, a.clone(), false), export.write(3000, b.clone(), false));
+        let (ra, rb) =
+            tokio::join!(export.write(100, a.clone(), false), export.write(3000, b.clone(), false));
         ra.unwrap();
         rb.unwrap();
 

@@ -68,14 +68,16 @@ impl LocalKeystore {
                 .create(&self.dir)
                 .map_err(|e| self.keystore_error(format!("creating the directory failed: {e}")))?;
             if let Some(parent) = self.dir.parent() {
-                sync_dir(parent).map_err(|e| self.keystore_error(format!("syncing the parent directory failed: {e}")))?;
+                sync_dir(parent)
+                    .map_err(|e| self.keystore_error(format!("syncing the parent directory failed: {e}")))?;
             }
         }
         self.check_dir_permissions()
     }
 
     fn check_dir_permissions(&self) -> Result<(), KeyError> {
-        let meta = fs::metadata(&self.dir).map_err(|e| self.keystore_error(format!("cannot read the directory: {e}")))?;
+        let meta = fs::metadata(&self.dir)
+            .map_err(|e| self.keystore_error(format!("cannot read the directory: {e}")))?;
         if !meta.is_dir() {
             return Err(self.keystore_error("is not a directory"));
         }
@@ -108,15 +110,14 @@ impl LocalKeystore {
     fn load_kek(&self, key_id: &str) -> Result<Kek, KeyError> {
         let path = self.key_path(key_id)?;
         self.check_dir_permissions()?;
-        let mut file = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    KeyError::KeyNotFound { provider: self.name.clone(), key_id: key_id.to_string() }
+        let mut file =
+            File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).map_err(|e| {
+                match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        KeyError::KeyNotFound { provider: self.name.clone(), key_id: key_id.to_string() }
+                    }
+                    _ => self.keystore_error(format!("opening key file {key_id} failed: {e}")),
                 }
-                _ => self.keystore_error(format!("opening key file {key_id} failed: {e}")),
             })?;
         let meta = file.metadata().map_err(|e| self.keystore_error(format!("key file {key_id}: {e}")))?;
         if !meta.is_file() {
@@ -129,10 +130,8 @@ impl LocalKeystore {
             )));
         }
         if meta.len() != KEK_LEN as u64 {
-            return Err(self.keystore_error(format!(
-                "key file {key_id} has {} bytes, expected {KEK_LEN}",
-                meta.len()
-            )));
+            return Err(self
+                .keystore_error(format!("key file {key_id} has {} bytes, expected {KEK_LEN}", meta.len())));
         }
         let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
         file.read_exact(bytes.as_mut_slice())

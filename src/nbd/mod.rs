@@ -9,7 +9,7 @@ mod transmission;
 use std::sync::Arc;
 
 use crate::engine::{EngineError, Export};
-pub use handshake::{negotiate, HandshakeOutcome, HandshakeLimits};
+pub use handshake::{negotiate, HandshakeLimits, HandshakeOutcome};
 pub use transmission::{serve_transmission, TransmissionLimits};
 
 /// Errors that end a connection.

@@ -92,7 +92,10 @@ where
         let payload = if request.command == CMD_WRITE {
             if request.len > MAX_PAYLOAD {
                 // The payload cannot be skipped safely at this size; end the connection.
-                break Err(NbdError::Protocol(format!("write payload of {} bytes exceeds {MAX_PAYLOAD}", request.len)));
+                break Err(NbdError::Protocol(format!(
+                    "write payload of {} bytes exceeds {MAX_PAYLOAD}",
+                    request.len
+                )));
             }
             let mut payload = vec![0u8; request.len as usize];
             if let Err(e) = reader.read_exact(&mut payload).await {
@@ -109,8 +112,13 @@ where
 
         let export = Arc::clone(&export);
         let reply_tx = reply_tx.clone();
-        let span = tracing::debug_span!("request", cookie = request.cookie, command = request.command,
-            offset = request.offset, len = request.len);
+        let span = tracing::debug_span!(
+            "request",
+            cookie = request.cookie,
+            command = request.command,
+            offset = request.offset,
+            len = request.len
+        );
         tokio::spawn(
             async move {
                 let reply = execute(&export, &request, payload).await;

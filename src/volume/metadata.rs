@@ -107,9 +107,7 @@ impl Metadata {
     pub fn parse(json_text: &[u8], header_area_size: u64) -> Result<Self, VolumeError> {
         let document: Value = serde_json::from_slice(json_text)
             .map_err(|e| VolumeError::Metadata(format!("JSON is invalid: {e}")))?;
-        let root = document
-            .as_object()
-            .ok_or_else(|| meta_err("top level is not a JSON object"))?;
+        let root = document.as_object().ok_or_else(|| meta_err("top level is not a JSON object"))?;
         for section in ["keyslots", "tokens", "segments", "digests", "config"] {
             if !root.get(section).is_some_and(Value::is_object) {
                 return Err(meta_err(&format!("section {section:?} is missing or not an object")));
@@ -215,10 +213,11 @@ fn parse_segment(
         .get("sector_size")
         .and_then(Value::as_u64)
         .ok_or_else(|| meta_err("segment 0 sector_size is missing or not a number"))?;
-    let sector_size = u32::try_from(sector_bytes)
-        .ok()
-        .and_then(|bytes| SectorSize::from_bytes(bytes).ok())
-        .ok_or_else(|| meta_err(&format!("segment 0 sector_size {sector_bytes} is not 512 or 4096")))?;
+    let sector_size =
+        u32::try_from(sector_bytes)
+            .ok()
+            .and_then(|bytes| SectorSize::from_bytes(bytes).ok())
+            .ok_or_else(|| meta_err(&format!("segment 0 sector_size {sector_bytes} is not 512 or 4096")))?;
 
     let offset = string_u64(segment, "offset", "segment 0")?;
     let header_end = 2 * header_area_size + keyslots_size;
@@ -309,7 +308,5 @@ fn string_u64(object: &Value, key: &str, context: &str) -> Result<u64, VolumeErr
 
 pub(super) fn base64_field(object: &Value, key: &str, context: &str) -> Result<Vec<u8>, VolumeError> {
     let text = string_field(object, key, context)?;
-    BASE64
-        .decode(text)
-        .map_err(|_| meta_err(&format!("{context} field {key:?} is not valid base64")))
+    BASE64.decode(text).map_err(|_| meta_err(&format!("{context} field {key:?} is not valid base64")))
 }

@@ -93,7 +93,8 @@ impl VolumeHeader {
         token: KmsToken,
     ) -> Result<Self, VolumeError> {
         let mut salt = vec![0u8; 32];
-        getrandom::getrandom(&mut salt).map_err(|e| VolumeError::Header(format!("random source failed: {e}")))?;
+        getrandom::getrandom(&mut salt)
+            .map_err(|e| VolumeError::Header(format!("random source failed: {e}")))?;
         let digest = VolumeKeyDigest {
             iterations: DIGEST_ITERATIONS,
             digest: compute_digest(volume_key, &salt, DIGEST_ITERATIONS),
@@ -144,7 +145,9 @@ impl VolumeHeader {
                 Ok(s)
             }
             (Err(primary), Err(secondary)) => {
-                if matches!(primary, VolumeError::NotLuks2 { .. }) && matches!(secondary, VolumeError::NotLuks2 { .. }) {
+                if matches!(primary, VolumeError::NotLuks2 { .. })
+                    && matches!(secondary, VolumeError::NotLuks2 { .. })
+                {
                     return Err(primary);
                 }
                 Err(VolumeError::NoValidHeader { primary: Box::new(primary), secondary: Box::new(secondary) })
@@ -226,7 +229,10 @@ fn read_copy(file: &File, offset: u64) -> Result<VolumeHeader, VolumeError> {
     let binary = BinaryHeader::decode(&first, offset)?;
     let expected_copy = if offset == 0 { HeaderCopy::Primary } else { HeaderCopy::Secondary };
     if binary.copy != expected_copy {
-        return Err(VolumeError::CorruptHeader { offset, reason: "header has the other copy's magic".into() });
+        return Err(VolumeError::CorruptHeader {
+            offset,
+            reason: "header has the other copy's magic".into(),
+        });
     }
     if binary.header_area_size > MAX_HEADER_AREA_SIZE {
         return Err(VolumeError::CorruptHeader { offset, reason: "header area too large".into() });

@@ -19,7 +19,8 @@ fn new_volume() -> (tempfile::NamedTempFile, VolumeKey, VolumeHeader) {
     let file = tempfile::NamedTempFile::new().unwrap();
     file.as_file().set_len(DATA_OFFSET + 1024 * 1024).unwrap();
     let key = VolumeKey::generate().unwrap();
-    let mut header = VolumeHeader::new(uuid::Uuid::new_v4().to_string(), &key, None, SectorSize::S4096, token()).unwrap();
+    let mut header =
+        VolumeHeader::new(uuid::Uuid::new_v4().to_string(), &key, None, SectorSize::S4096, token()).unwrap();
     header.write(file.as_file()).unwrap();
     (file, key, header)
 }
@@ -108,7 +109,9 @@ fn unknown_mandatory_requirement_is_rejected() {
     doc["config"]["requirements"] = serde_json::json!({ "mandatory": ["online-reencrypt-v2"] });
     let text = serde_json::to_vec(&doc).unwrap();
     let result = Metadata::parse(&text, HEADER_AREA_SIZE);
-    assert!(matches!(result, Err(VolumeError::UnsupportedRequirement(ref r)) if r.contains("online-reencrypt")));
+    assert!(
+        matches!(result, Err(VolumeError::UnsupportedRequirement(ref r)) if r.contains("online-reencrypt"))
+    );
 }
 
 proptest! {

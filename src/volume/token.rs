@@ -24,18 +24,23 @@ const MAX_WRAPPED_KEY_LEN: usize = 512;
 pub enum WrapAlgorithm {
     /// AES-256 key wrap (RFC 3394) with the KEK, done by nbdcrypt.
     AesKw,
+    /// AES-256-CBC with PKCS#5 padding, done by the KMIP server (Encrypt); the wrapped key
+    /// is the 16-byte IV followed by the ciphertext.
+    KmipAesCbc,
 }
 
 impl WrapAlgorithm {
     pub fn as_str(self) -> &'static str {
         match self {
             WrapAlgorithm::AesKw => "aes-kw",
+            WrapAlgorithm::KmipAesCbc => "kmip-aes-cbc",
         }
     }
 
     fn parse(text: &str) -> Result<Self, VolumeError> {
         match text {
             "aes-kw" => Ok(WrapAlgorithm::AesKw),
+            "kmip-aes-cbc" => Ok(WrapAlgorithm::KmipAesCbc),
             other => Err(VolumeError::Metadata(format!("token wrap_alg {other:?} is not supported"))),
         }
     }
@@ -84,7 +89,9 @@ impl KmsToken {
         }
         let key_id = string_field(value, "key_id", "token")?.to_string();
         if key_id.is_empty() || key_id.len() > 256 || key_id.chars().any(|c| c.is_control()) {
-            return Err(VolumeError::Metadata("token key_id is empty, too long or has control characters".into()));
+            return Err(VolumeError::Metadata(
+                "token key_id is empty, too long or has control characters".into(),
+            ));
         }
         let wrap_alg = WrapAlgorithm::parse(string_field(value, "wrap_alg", "token")?)?;
         let wrapped_key = Zeroizing::new(base64_field(value, "wrapped_key", "token")?);

@@ -111,13 +111,18 @@ impl Server {
     fn wait_until_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if fs::read_to_string(&self.log).unwrap_or_default().contains("listening") && self.socket.exists() {
+            if fs::read_to_string(&self.log).unwrap_or_default().contains("listening") && self.socket.exists()
+            {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("nbdcrypt serve exited with {status} before listening:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "nbdcrypt serve did not listen within 20 s:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "nbdcrypt serve did not listen within 20 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

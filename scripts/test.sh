@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run every nbdcrypt test: unit and property tests, the raw-protocol conformance suite,
+# real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio), cryptsetup, and the
+# QEMU guest tests (kernel nbd-client, QEMU's NBD driver, dm-crypt).
+#
+# Usage: scripts/test.sh [extra cargo test arguments]
+#
+# As root, missing Debian packages are installed first (scripts/install-deps.sh). As
+# another user, a missing tool makes the tests that need it fail with its name.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [[ $(id -u) -eq 0 ]]; then
+  scripts/install-deps.sh
+else
+  echo "test.sh: not root, so packages are not installed; tests needing a missing tool will fail" >&2
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "test.sh: cargo not found; install Rust with rustup (see README.md)" >&2
+  exit 1
+fi
+
+cargo build --locked --all-targets
+cargo test --locked --all-targets "$@"
