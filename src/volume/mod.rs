@@ -114,6 +114,12 @@ impl VolumeHeader {
     /// Reads the header from `file`, using the secondary copy when the primary is damaged and
     /// the newer copy when both are valid.
     pub fn read(file: &File) -> Result<Self, VolumeError> {
+        Self::read_from(file)
+    }
+
+    /// Reads the header from any positional byte source, such as a file or an in-memory
+    /// image; the rules of [`Self::read`] apply.
+    pub fn read_from<S: HeaderSource + ?Sized>(file: &S) -> Result<Self, VolumeError> {
         let primary = read_copy(file, 0);
         let secondary_offsets: Vec<u64> = match &primary {
             Ok(header) => vec![header.header_area_size],
@@ -223,7 +229,7 @@ impl VolumeHeader {
     }
 }
 
-fn read_copy(file: &File, offset: u64) -> Result<VolumeHeader, VolumeError> {
+fn read_copy<S: HeaderSource + ?Sized>(file: &S, offset: u64) -> Result<VolumeHeader, VolumeError> {
     let mut first = vec![0u8; binary::BINARY_HEADER_LEN];
     read_exact_at(file, &mut first, offset)?;
     let binary = BinaryHeader::decode(&first, offset)?;
@@ -252,8 +258,30 @@ fn read_copy(file: &File, offset: u64) -> Result<VolumeHeader, VolumeError> {
     })
 }
 
+/// A positional byte source a header can be read from.
+pub trait HeaderSource {
+    /// Fills `buf` from `offset`, failing with `UnexpectedEof` when the source is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl HeaderSource for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl HeaderSource for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let start = usize::try_from(offset).map_err(|_| eof())?;
+        let end = start.checked_add(buf.len()).ok_or_else(eof)?;
+        buf.copy_from_slice(self.get(start..end).ok_or_else(eof)?);
+        Ok(())
+    }
+}
+
 /// Reads exactly `buf.len()` bytes, reporting a short device as a missing header.
-fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
+fn read_exact_at<S: HeaderSource + ?Sized>(file: &S, buf: &mut [u8], offset: u64) -> Result<(), VolumeError> {
     match file.read_exact_at(buf, offset) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(VolumeError::NotLuks2 { offset }),

@@ -81,7 +81,7 @@ fn crash_between_copies_opens_newer_secondary() {
     // Simulate a crash after the secondary was rewritten but before the primary was: copy
     // the current primary aside, update both, then restore the old primary.
     let mut old_primary = vec![0u8; HEADER_AREA_SIZE as usize];
-    file.as_file().read_exact_at(&mut old_primary, 0).unwrap();
+    FileExt::read_exact_at(file.as_file(), &mut old_primary, 0).unwrap();
     let mut new_token = token();
     new_token.key_id = "k2".into();
     header.metadata.set_token(new_token);
@@ -131,6 +131,12 @@ proptest! {
             prop_assert!(header.verify_volume_key(&key).is_ok());
             prop_assert_eq!(header.metadata.segment.offset, DATA_OFFSET);
         }
+    }
+
+    /// Arbitrary bytes as a whole image never panic the header reader.
+    #[test]
+    fn arbitrary_images_never_panic(image in proptest::collection::vec(any::<u8>(), 0..40000)) {
+        let _ = VolumeHeader::read_from(image.as_slice());
     }
 
     /// Arbitrary JSON text in a correctly checksummed header never panics the parser.
