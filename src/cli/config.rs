@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::keys::{KeyProvider, LocalKeystore};
+use crate::keys::{KeyProvider, KmipConfig, KmipProvider, LocalKeystore};
 use crate::volume::is_valid_provider_name;
 
 /// Name of the local keystore provider that exists when the configuration names none.
@@ -33,6 +33,8 @@ pub struct Config {
 pub enum ProviderConfig {
     /// A local keystore directory.
     Local { path: Option<PathBuf> },
+    /// A KMIP server or a cluster of servers holding the same keys.
+    Kmip(KmipConfig),
 }
 
 /// One `[[exports]]` entry.
@@ -69,8 +71,8 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading configuration file {} failed", path.display()))?;
-        let config: Config =
-            toml::from_str(&text).with_context(|| format!("configuration file {} is invalid", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("configuration file {} is invalid", path.display()))?;
         for name in config.key_providers.keys() {
             if !is_valid_provider_name(name) {
                 bail!("key provider name {name:?} is invalid: use letters, digits, '-' and '_' (at most 64)");
@@ -83,6 +85,7 @@ impl Config {
 /// The configured key providers, by name.
 pub struct Providers {
     providers: BTreeMap<String, Arc<dyn KeyProvider>>,
+    kmip: BTreeMap<String, Arc<KmipProvider>>,
     default: String,
 }
 
@@ -92,6 +95,7 @@ impl Providers {
     /// named "local" uses `keystore` or the default directory.
     pub fn from_config(config: &Config, keystore: Option<&Path>) -> Result<Self> {
         let mut providers: BTreeMap<String, Arc<dyn KeyProvider>> = BTreeMap::new();
+        let mut kmip = BTreeMap::new();
         for (name, provider) in &config.key_providers {
             match provider {
                 ProviderConfig::Local { path } => {
@@ -101,11 +105,17 @@ impl Providers {
                         .unwrap_or_else(LocalKeystore::default_dir);
                     providers.insert(name.clone(), Arc::new(LocalKeystore::new(name.clone(), dir)));
                 }
+                ProviderConfig::Kmip(settings) => {
+                    let provider = Arc::new(KmipProvider::new(name, settings)?);
+                    kmip.insert(name.clone(), provider.clone());
+                    providers.insert(name.clone(), provider);
+                }
             }
         }
         if !providers.contains_key(DEFAULT_PROVIDER) && config.key_providers.is_empty() {
             let dir = keystore.map(Path::to_path_buf).unwrap_or_else(LocalKeystore::default_dir);
-            providers.insert(DEFAULT_PROVIDER.to_string(), Arc::new(LocalKeystore::new(DEFAULT_PROVIDER, dir)));
+            providers
+                .insert(DEFAULT_PROVIDER.to_string(), Arc::new(LocalKeystore::new(DEFAULT_PROVIDER, dir)));
         }
 
         let default = config.default_key_provider.clone().unwrap_or_else(|| {
@@ -118,7 +128,19 @@ impl Providers {
         if !providers.contains_key(&default) {
             bail!("default_key_provider {default:?} is not defined in [key_providers]");
         }
-        Ok(Providers { providers, default })
+        Ok(Providers { providers, kmip, default })
+    }
+
+    /// The KMIP providers, by name.
+    pub fn kmip(&self) -> &BTreeMap<String, Arc<KmipProvider>> {
+        &self.kmip
+    }
+
+    /// Starts the background reachability probe of every KMIP provider.
+    pub fn spawn_health_probes(&self) {
+        for provider in self.kmip.values() {
+            provider.spawn_health_probe();
+        }
     }
 
     /// Finds a provider by name, or the default one.

@@ -3,6 +3,7 @@
 pub mod config;
 mod create;
 mod info;
+mod kms;
 mod serve;
 
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print a volume's header: format, UUID, sizes, cipher, key provider and key id.
     Info(info::InfoArgs),
+    /// Check the KMIP key providers: reachability, protocol version and latency per server.
+    Kms(kms::KmsArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::Create(ref args) => create::run(&cli, args).await,
             Command::Serve(ref args) => serve::run(&cli, args).await,
             Command::Info(ref args) => info::run(&cli, args).await,
+            Command::Kms(ref args) => kms::run(&cli, args).await,
         }
     });
     match result {

@@ -97,6 +97,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         limits.handshake_timeout = Duration::from_secs(secs);
     }
 
+    // Running exports hold their keys and never call the KMS; the probe only logs
+    // reachability changes, so an outage is visible before the next attach needs the KMS.
+    providers.spawn_health_probes();
     notify_systemd_ready();
     daemon::serve(listeners, table, limits, daemon::termination_signal()).await;
     for address in &addresses {

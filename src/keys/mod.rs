@@ -4,6 +4,7 @@
 //! volume keys itself, so a provider that fetches the KEK and one that asks the KMS to
 //! encrypt look the same to callers.
 
+pub mod kmip;
 mod local;
 
 use std::fmt;
@@ -13,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{CryptoError, VolumeKey};
 use crate::volume::WrapAlgorithm;
+pub use kmip::{KmipConfig, KmipProvider};
 pub use local::LocalKeystore;
 
 /// Errors from key providers.
@@ -30,6 +32,8 @@ pub enum KeyError {
     UnknownProvider(String),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Kmip(#[from] kmip::KmipError),
 }
 
 /// Reachability of a key provider.
