@@ -208,7 +208,9 @@ enum Connection {
     Unix(tokio::net::UnixStream),
 }
 
-async fn handle_connection<S>(
+/// Runs one client connection: the handshake, then transmission until the client leaves or
+/// `stop_rx` turns true. Never panics on client input; errors end only this connection.
+pub async fn handle_connection<S>(
     mut stream: S,
     exports: Arc<ExportTable>,
     limits: ServerLimits,
