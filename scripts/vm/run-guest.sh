@@ -56,8 +56,9 @@
 #                        ${XDG_CACHE_HOME:-$HOME/.cache}/nbdcrypt-vm). It is
 #                        built or refreshed before every run.
 #   NBDCRYPT_VM_ACCEL    auto (default), tcg or kvm. auto picks TCG when
-#                        /dev/kvm is missing or is the PVM nested hypervisor
-#                        (kvm_pvm), under which stock kernels do not boot.
+#                        /dev/kvm is missing or is provided by the PVM nested
+#                        hypervisor (kvm_pvm), where QEMU 7.2 with -cpu host
+#                        aborts ("failed to set MSR 0x10a").
 #   NBDCRYPT_VM_KERNEL   pvh (default): boot the uncompressed vmlinux through
 #                        the PVH entry point. bzimage: boot vmlinuz through
 #                        SeaBIOS, about 5 s slower under TCG.
@@ -212,8 +213,8 @@ choose_accelerator() {
   ACCEL=${NBDCRYPT_VM_ACCEL:-auto}
   case $ACCEL in
     auto)
-      # kvm_pvm runs guests through an instruction emulator. Debian's stock
-      # kernel crawls under it and then dies on an emulation failure.
+      # Under the PVM nested hypervisor, QEMU 7.2 with -cpu host aborts with
+      # "failed to set MSR 0x10a".
       if [[ -d /sys/module/kvm_pvm ]]; then
         ACCEL=tcg
       elif [[ -r /dev/kvm && -w /dev/kvm ]]; then
