@@ -9,7 +9,7 @@ use std::time::Duration;
 use nbdcrypt::backend::MemoryBackend;
 use nbdcrypt::crypto::{SectorCipher, SectorSize, VolumeKey};
 use nbdcrypt::daemon::{self, ListenAddr, Listener, ServerLimits};
-use nbdcrypt::engine::{Export, ExportOptions};
+use nbdcrypt::engine::{Export, ExportOptions, STATE_ZERO};
 use nbdcrypt::nbd::consts::*;
 use nbdcrypt::nbd::ExportTable;
 use proptest::prelude::*;
@@ -26,6 +26,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(discard: bool) -> Self {
+        Self::start_with(discard, ServerLimits::default())
+    }
+
+    fn start_with(discard: bool, limits: ServerLimits) -> Self {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -51,8 +55,7 @@ impl TestServer {
                 let listener =
                     Listener::bind(&ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())).await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let limits =
-                    ServerLimits { shutdown_timeout: Duration::from_secs(2), ..ServerLimits::default() };
+                let limits = ServerLimits { shutdown_timeout: Duration::from_secs(2), ..limits };
                 daemon::serve(vec![listener], table, limits, async {
                     let _ = stop_rx.await;
                 })
@@ -222,7 +225,8 @@ fn unsupported_options_get_err_unsup_and_negotiation_continues() {
     let mut client = server.connect();
     client.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
 
-    for (option, payload) in [(8u32, vec![]), (99, vec![7u8; 100]), (4, vec![1, 2, 3])] {
+    // STARTTLS (no TLS configured), PEEK_EXPORT (withdrawn), EXTENDED_HEADERS, unknown.
+    for (option, payload) in [(5u32, vec![]), (4, vec![1, 2, 3]), (11, vec![]), (99, vec![7u8; 100])] {
         client.send_option(option, &payload);
         let reply = client.read_option_reply();
         assert_eq!(reply.option, option);
@@ -458,6 +462,279 @@ fn trim_on_discard_export_reads_back_zeros() {
     assert_eq!(data[..4096], [7u8; 4096]);
     assert_eq!(data[4096..12288], [0u8; 8192]);
     assert_eq!(data[12288..], [7u8; 4096]);
+}
+
+/// A structured reply chunk: (flags, type, cookie, payload).
+type ChunkFrame = (u16, u16, u64, Vec<u8>);
+
+impl Client {
+    fn read_chunk(&mut self) -> ChunkFrame {
+        assert_eq!(self.read_u32(), STRUCTURED_REPLY_MAGIC);
+        let flags = u16::from_be_bytes(self.read_exact(2).try_into().unwrap());
+        let kind = u16::from_be_bytes(self.read_exact(2).try_into().unwrap());
+        let cookie = self.read_u64();
+        let len = self.read_u32();
+        (flags, kind, cookie, self.read_exact(len as usize))
+    }
+
+    /// Reads chunks up to and including the one marked DONE.
+    fn read_chunks(&mut self) -> Vec<ChunkFrame> {
+        let mut chunks = Vec::new();
+        loop {
+            let chunk = self.read_chunk();
+            let done = chunk.0 & REPLY_FLAG_DONE != 0;
+            chunks.push(chunk);
+            if done {
+                return chunks;
+            }
+        }
+    }
+
+    /// Negotiates structured replies and, optionally, base:allocation on `meta_export`,
+    /// then GO on "disk". Returns the transmission flags.
+    fn attach_structured(&mut self, meta_export: Option<&str>) -> u16 {
+        self.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        self.send_option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(self.read_option_reply().reply_type, REP_ACK);
+        if let Some(name) = meta_export {
+            self.send_option(OPT_SET_META_CONTEXT, &meta_payload(name, &["base:allocation"]));
+            let reply = self.read_option_reply();
+            assert_eq!(reply.reply_type, REP_META_CONTEXT);
+            assert_eq!(&reply.data[4..], b"base:allocation");
+            assert_eq!(self.read_option_reply().reply_type, REP_ACK);
+        }
+        let replies = self.go("disk");
+        assert_eq!(replies.last().unwrap().reply_type, REP_ACK);
+        let export = replies
+            .iter()
+            .find(|r| r.reply_type == REP_INFO && r.data[..2] == INFO_EXPORT.to_be_bytes())
+            .unwrap();
+        u16::from_be_bytes(export.data[10..12].try_into().unwrap())
+    }
+
+    /// Sends BLOCK_STATUS and returns (context id, [(length, flags)]).
+    fn block_status(&mut self, flags: u16, offset: u64, len: u32) -> Result<(u32, Vec<(u32, u32)>), u32> {
+        self.send_request(flags, CMD_BLOCK_STATUS, 50, offset, len, &[]);
+        let chunks = self.read_chunks();
+        assert_eq!(chunks.len(), 1);
+        let (_, kind, cookie, payload) = &chunks[0];
+        assert_eq!(*cookie, 50);
+        if *kind == REPLY_TYPE_ERROR {
+            return Err(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        }
+        assert_eq!(*kind, REPLY_TYPE_BLOCK_STATUS);
+        let id = u32::from_be_bytes(payload[..4].try_into().unwrap());
+        let extents = payload[4..]
+            .chunks_exact(8)
+            .map(|e| {
+                (
+                    u32::from_be_bytes(e[..4].try_into().unwrap()),
+                    u32::from_be_bytes(e[4..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        Ok((id, extents))
+    }
+}
+
+fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut payload = (export.len() as u32).to_be_bytes().to_vec();
+    payload.extend_from_slice(export.as_bytes());
+    payload.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for query in queries {
+        payload.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        payload.extend_from_slice(query.as_bytes());
+    }
+    payload
+}
+
+#[test]
+fn structured_read_reports_holes_and_data() {
+    let server = TestServer::start(false);
+    let mut client = server.connect();
+    let flags = client.attach_structured(None);
+    assert_ne!(flags & TFLAG_SEND_DF, 0);
+    assert_eq!(client.write(4096, &[9u8; 4096]), 0);
+
+    client.send_request(0, CMD_READ, 20, 0, 3 * 4096, &[]);
+    let chunks = client.read_chunks();
+    let kinds: Vec<u16> = chunks.iter().map(|c| c.1).collect();
+    assert_eq!(kinds, vec![REPLY_TYPE_OFFSET_HOLE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE]);
+    assert_eq!(chunks[0].3, [&0u64.to_be_bytes()[..], &4096u32.to_be_bytes()].concat());
+    assert_eq!(chunks[1].3[..8], 4096u64.to_be_bytes());
+    assert_eq!(chunks[1].3[8..], [9u8; 4096]);
+    assert_eq!(chunks[2].3, [&8192u64.to_be_bytes()[..], &4096u32.to_be_bytes()].concat());
+    assert!(chunks.iter().all(|c| c.2 == 20));
+
+    // DF: one data chunk, zeros included.
+    client.send_request(CMD_FLAG_DF, CMD_READ, 21, 0, 3 * 4096, &[]);
+    let chunks = client.read_chunks();
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].1, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(chunks[0].3.len(), 8 + 3 * 4096);
+
+    // Errors are ERROR chunks with a message.
+    client.send_request(0, CMD_READ, 22, EXPORT_SIZE, 1, &[]);
+    let chunks = client.read_chunks();
+    assert_eq!(chunks[0].1, REPLY_TYPE_ERROR);
+    assert_eq!(u32::from_be_bytes(chunks[0].3[..4].try_into().unwrap()), EINVAL);
+    let message_len = u16::from_be_bytes(chunks[0].3[4..6].try_into().unwrap()) as usize;
+    assert_eq!(chunks[0].3.len(), 6 + message_len);
+    assert!(message_len > 0);
+
+    // Zero-length read: a lone NONE chunk.
+    client.send_request(0, CMD_READ, 23, 0, 0, &[]);
+    let chunks = client.read_chunks();
+    assert_eq!((chunks[0].0, chunks[0].1), (REPLY_FLAG_DONE, REPLY_TYPE_NONE));
+}
+
+#[test]
+fn block_status_agrees_with_reads() {
+    let server = TestServer::start(true);
+    let mut client = server.connect();
+    client.attach_structured(Some("disk"));
+
+    let (id, extents) = client.block_status(0, 0, EXPORT_SIZE as u32).unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(extents, vec![(EXPORT_SIZE as u32, STATE_ZERO)]);
+
+    assert_eq!(client.write(8192, &[5u8; 8192]), 0);
+    let (_, extents) = client.block_status(0, 0, 65536).unwrap();
+    assert_eq!(extents, vec![(8192, STATE_ZERO), (8192, 0), (65536 - 16384, STATE_ZERO)]);
+    // The same query of an unchanged range gives the same answer.
+    assert_eq!(client.block_status(0, 0, 65536).unwrap().1, extents);
+
+    // REQ_ONE: exactly one extent, not beyond the request.
+    let (_, one) = client.block_status(CMD_FLAG_REQ_ONE, 100, 65536).unwrap();
+    assert_eq!(one, vec![(8092, STATE_ZERO)]);
+
+    client.send_request(0, CMD_WRITE_ZEROES, 30, 8192, 4096, &[]);
+    assert_eq!(client.read_reply(), (0, 30));
+    client.send_request(0, CMD_TRIM, 31, 12288, 4096, &[]);
+    assert_eq!(client.read_reply(), (0, 31));
+    let (_, extents) = client.block_status(0, 0, 65536).unwrap();
+    assert_eq!(extents, vec![(65536, STATE_ZERO)]);
+
+    assert_eq!(client.block_status(0, EXPORT_SIZE, 1), Err(EINVAL));
+}
+
+#[test]
+fn block_status_needs_a_context_for_this_export() {
+    let server = TestServer::start(false);
+    let mut client = server.connect();
+    client.attach_structured(None);
+    assert_eq!(client.block_status(0, 0, 4096), Err(EINVAL));
+}
+
+#[test]
+fn meta_context_negotiation_rules() {
+    let server = TestServer::start(false);
+    let mut client = server.connect();
+    client.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+
+    // Before STRUCTURED_REPLY: invalid.
+    client.send_option(OPT_SET_META_CONTEXT, &meta_payload("disk", &["base:allocation"]));
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_INVALID);
+
+    client.send_option(OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_INVALID);
+    client.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(client.read_option_reply().reply_type, REP_ACK);
+
+    // LIST with no queries lists everything, `base:` is a wildcard, unknown namespaces are ignored.
+    for queries in [&[][..], &["base:"][..], &["qemu:dirty-bitmap:x", "base:allocation"][..]] {
+        client.send_option(OPT_LIST_META_CONTEXT, &meta_payload("disk", queries));
+        let reply = client.read_option_reply();
+        assert_eq!(reply.reply_type, REP_META_CONTEXT, "{queries:?}");
+        assert_eq!(reply.data, [&0u32.to_be_bytes()[..], b"base:allocation"].concat());
+        assert_eq!(client.read_option_reply().reply_type, REP_ACK);
+    }
+    client.send_option(OPT_LIST_META_CONTEXT, &meta_payload("disk", &["other:thing"]));
+    assert_eq!(client.read_option_reply().reply_type, REP_ACK);
+
+    // Malformed: a query length running past the option.
+    let mut bad = meta_payload("disk", &["base:allocation"]);
+    bad.truncate(bad.len() - 3);
+    client.send_option(OPT_SET_META_CONTEXT, &bad);
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_INVALID);
+    client.send_option(OPT_SET_META_CONTEXT, &meta_payload("nope", &["base:allocation"]));
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_UNKNOWN);
+}
+
+#[test]
+fn meta_context_of_another_export_does_not_apply() {
+    let server = TestServer::start(false);
+    let mut client = server.connect();
+    client.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    client.send_option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(client.read_option_reply().reply_type, REP_ACK);
+    client.send_option(OPT_SET_META_CONTEXT, &meta_payload("disk", &["base:allocation"]));
+    assert_eq!(client.read_option_reply().reply_type, REP_META_CONTEXT);
+    assert_eq!(client.read_option_reply().reply_type, REP_ACK);
+    // A failed SET replaces the selection with nothing.
+    client.send_option(OPT_SET_META_CONTEXT, &meta_payload("nope", &["base:allocation"]));
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_UNKNOWN);
+    assert_eq!(client.go("disk").last().unwrap().reply_type, REP_ACK);
+    assert_eq!(client.block_status(0, 0, 4096), Err(EINVAL));
+}
+
+#[test]
+fn fast_zero_and_cache_are_supported() {
+    let server = TestServer::start(false);
+    let mut client = Client::attach(&server);
+    assert_eq!(client.write(0, &[3u8; 16384]), 0);
+    client.send_request(CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 40, 100, 10000, &[]);
+    assert_eq!(client.read_reply(), (0, 40));
+    let data = client.read(0, 16384).unwrap();
+    assert_eq!(data[..100], [3u8; 100]);
+    assert!(data[100..10100].iter().all(|&b| b == 0));
+    assert!(data[10100..].iter().all(|&b| b == 3));
+
+    client.send_request(0, CMD_CACHE, 41, 0, 65536, &[]);
+    assert_eq!(client.read_reply(), (0, 41));
+    client.send_request(0, CMD_CACHE, 42, EXPORT_SIZE, 1, &[]);
+    assert_eq!(client.read_reply(), (EINVAL, 42));
+    client.send_request(CMD_FLAG_DF, CMD_READ, 43, 0, 16, &[]);
+    assert_eq!(client.read_reply(), (EINVAL, 43), "DF without structured replies");
+}
+
+#[test]
+fn payload_above_advertised_maximum_is_drained_and_rejected() {
+    let mut limits = ServerLimits::default();
+    limits.handshake.max_payload = 1024 * 1024;
+    let server = TestServer::start_with(false, limits);
+    let mut client = server.connect();
+    client.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    let replies = client.go("disk");
+    let block = replies
+        .iter()
+        .find(|r| r.reply_type == REP_INFO && r.data[..2] == INFO_BLOCK_SIZE.to_be_bytes())
+        .unwrap();
+    assert_eq!(
+        block.data[2..],
+        [&1u32.to_be_bytes()[..], &4096u32.to_be_bytes(), &(1024u32 * 1024).to_be_bytes()].concat()
+    );
+
+    let big = vec![1u8; 2 * 1024 * 1024];
+    assert_eq!(client.write(0, &big), EINVAL);
+    assert_eq!(client.read(0, 2 * 1024 * 1024), Err(EINVAL));
+    assert_eq!(client.write(0, b"fine"), 0);
+    assert_eq!(client.read(0, 4).unwrap(), b"fine");
+}
+
+#[test]
+fn connections_per_export_are_limited() {
+    let mut limits = ServerLimits::default();
+    limits.handshake.max_connections_per_export = 2;
+    let server = TestServer::start_with(false, limits);
+    let first = Client::attach(&server);
+    let _second = Client::attach(&server);
+    let mut third = server.connect();
+    third.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    assert_eq!(third.go("disk").last().unwrap().reply_type, REP_ERR_POLICY);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(third.go("disk").last().unwrap().reply_type, REP_ACK);
 }
 
 proptest! {

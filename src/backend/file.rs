@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use super::{write_zeroes_by_writing, Backend};
+use super::{fast_zero_unsupported, write_zeroes_by_writing, Backend, Extent, ZeroMode};
 
 // Linux ioctl numbers from <linux/fs.h>: _IO(0x12, 119), _IO(0x12, 127), _IOR(0x12, 114, size_t).
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -84,6 +84,19 @@ impl FileBackend {
         }
     }
 
+    /// lseek with SEEK_DATA or SEEK_HOLE. The descriptor's file position is never used for
+    /// I/O (all I/O is positional), so moving it is harmless.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid("offset too large"))?;
+        // SAFETY: lseek only reads its integer arguments; the descriptor is open.
+        let found = unsafe { libc::lseek(self.file.as_raw_fd(), offset, whence) };
+        if found < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(found as u64)
+        }
+    }
+
     fn block_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
         let range: [u64; 2] = [offset, len];
         // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 values (start, length) from the
@@ -114,23 +127,63 @@ impl Backend for FileBackend {
         self.file.sync_data()
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        if self.is_block_device {
-            return match self.block_ioctl(BLKZEROOUT, offset, len) {
-                Ok(()) => Ok(()),
-                Err(_) => write_zeroes_by_writing(self, offset, len),
-            };
-        }
-        let fast = if may_unmap {
-            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
-        } else {
-            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<()> {
+        const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        // On a block device, PUNCH_HOLE becomes a write-zeroes or discard request without the
+        // kernel's fallback of writing zero pages, so it fails where zeroing would be slow;
+        // ZERO_RANGE keeps the blocks provisioned but may fall back to writing zeros.
+        let fast = match (self.is_block_device, mode.may_unmap) {
+            (_, true) => self.fallocate(PUNCH_HOLE, offset, len),
+            (true, false) if mode.fast_only => return Err(fast_zero_unsupported()),
+            (_, false) => self.fallocate(ZERO_RANGE, offset, len),
         };
         match fast {
             Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) && mode.fast_only => Err(fast_zero_unsupported()),
+            Err(e) if is_unsupported(&e) && self.is_block_device => {
+                match self.block_ioctl(BLKZEROOUT, offset, len) {
+                    Ok(()) => Ok(()),
+                    Err(_) => write_zeroes_by_writing(self, offset, len),
+                }
+            }
             Err(e) if is_unsupported(&e) => write_zeroes_by_writing(self, offset, len),
             Err(e) => Err(e),
         }
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        if self.is_block_device {
+            return Ok(vec![Extent { len, is_hole: false }]);
+        }
+        let end = offset + len;
+        let mut extents = Vec::new();
+        let mut position = offset;
+        while position < end {
+            let data_start = match self.seek(position, libc::SEEK_DATA) {
+                Ok(found) => found.min(end),
+                // ENXIO: no data at or after `position`, so the rest is a hole.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) if is_unsupported(&e) => return Ok(vec![Extent { len, is_hole: false }]),
+                Err(e) => return Err(e),
+            };
+            if data_start > position {
+                extents.push(Extent { len: data_start - position, is_hole: true });
+                position = data_start;
+                continue;
+            }
+            let hole_start = match self.seek(position, libc::SEEK_HOLE) {
+                Ok(found) => found.min(end),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) => return Err(e),
+            };
+            // A racing write can make SEEK_HOLE return `position`; count one byte as data so
+            // the loop always advances.
+            let data_end = hole_start.max(position + 1).min(end);
+            extents.push(Extent { len: data_end - position, is_hole: false });
+            position = data_end;
+        }
+        Ok(extents)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -210,8 +263,8 @@ mod tests {
         file.as_file().set_len(1 << 20).unwrap();
         let backend = FileBackend::open_exclusive(file.path()).unwrap();
         backend.write_at(&[0xaa; 65536], 0).unwrap();
-        backend.write_zeroes(4096, 8192, true).unwrap();
-        backend.write_zeroes(16384, 4096, false).unwrap();
+        backend.write_zeroes(4096, 8192, ZeroMode { may_unmap: true, fast_only: false }).unwrap();
+        backend.write_zeroes(16384, 4096, ZeroMode { may_unmap: false, fast_only: true }).unwrap();
         backend.discard(32768, 4096).unwrap();
         let mut buf = vec![0u8; 65536];
         backend.read_at(&mut buf, 0).unwrap();
@@ -220,5 +273,19 @@ mod tests {
         assert!(buf[16384..20480].iter().all(|&b| b == 0));
         assert!(buf[32768..36864].iter().all(|&b| b == 0));
         assert!(buf[36864..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn extents_find_holes_in_a_sparse_file() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let backend = FileBackend::open_exclusive(file.path()).unwrap();
+        backend.write_at(&[1u8; 8192], 65536).unwrap();
+        let extents = backend.extents(0, 1 << 20).unwrap();
+        assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), 1 << 20);
+        assert_eq!(extents[0], Extent { len: 65536, is_hole: true });
+        assert!(!extents[1].is_hole);
+        assert!(extents[1].len >= 8192);
+        assert!(extents.last().unwrap().is_hole);
     }
 }

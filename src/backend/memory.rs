@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-use super::Backend;
+use super::{Backend, ZeroMode};
 
 /// A backing store held in a `Vec<u8>`.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+    fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| out_of_range())?;
         let range = self.range(offset, len)?;
         self.lock()[range].fill(0);
@@ -75,6 +75,6 @@ impl Backend for MemoryBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len, true)
+        self.write_zeroes(offset, len, ZeroMode { may_unmap: true, fast_only: false })
     }
 }

@@ -61,6 +61,16 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: Option<u64>,
     /// Seconds a client gets to finish the handshake.
     pub handshake_timeout_secs: Option<u64>,
+    /// Options a client may send in one handshake.
+    pub max_options: Option<u32>,
+    /// Connections served at once, in total.
+    pub max_connections: Option<usize>,
+    /// Connections in transmission on one export at once.
+    pub max_connections_per_export: Option<usize>,
+    /// Bytes of request payloads and read replies in flight per connection.
+    pub max_in_flight_bytes: Option<u32>,
+    /// Largest READ or WRITE payload advertised, in bytes (at most 32 MiB).
+    pub max_payload: Option<u32>,
 }
 
 impl Config {

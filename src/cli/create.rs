@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 use super::config::{parse_size, Config, Providers};
 use super::info::human_bytes;
 use super::Cli;
-use crate::backend::{Backend, FileBackend};
+use crate::backend::{Backend, FileBackend, ZeroMode};
 use crate::crypto::{SectorCipher, SectorSize, VolumeKey};
 use crate::engine::{Export, ExportOptions};
 use crate::volume::{KmsToken, VolumeHeader, DATA_OFFSET};
@@ -67,7 +67,7 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
     // Remove whatever was in the header and keyslot areas (an old LUKS keyslot holds key
     // material) before the new header goes in.
     backend
-        .write_zeroes(0, DATA_OFFSET, true)
+        .write_zeroes(0, DATA_OFFSET, ZeroMode { may_unmap: true, fast_only: false })
         .with_context(|| format!("clearing the header area of {} failed", args.volume.display()))?;
 
     let uuid = uuid::Uuid::new_v4().to_string();

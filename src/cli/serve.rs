@@ -93,8 +93,27 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     if let Some(secs) = args.shutdown_timeout.or(config.server.shutdown_timeout_secs) {
         limits.shutdown_timeout = Duration::from_secs(secs);
     }
-    if let Some(secs) = config.server.handshake_timeout_secs {
+    let server = &config.server;
+    if let Some(secs) = server.handshake_timeout_secs {
         limits.handshake_timeout = Duration::from_secs(secs);
+    }
+    if let Some(max) = server.max_options {
+        limits.handshake.max_options = max;
+    }
+    if let Some(max) = server.max_connections {
+        limits.max_connections = max;
+    }
+    if let Some(max) = server.max_connections_per_export {
+        limits.handshake.max_connections_per_export = max;
+    }
+    if let Some(bytes) = server.max_in_flight_bytes {
+        limits.transmission.max_in_flight_bytes = bytes;
+    }
+    if let Some(bytes) = server.max_payload {
+        if !(4096..=crate::engine::MAX_PAYLOAD).contains(&bytes) {
+            bail!("[server] max_payload {bytes} is outside 4096..=33554432");
+        }
+        limits.handshake.max_payload = bytes;
     }
 
     // Running exports hold their keys and never call the KMS; the probe only logs

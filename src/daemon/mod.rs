@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
@@ -28,6 +28,8 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Time in-flight requests get to finish once shutdown starts.
     pub shutdown_timeout: Duration,
+    /// Connections served at once across all listeners; more are closed on accept.
+    pub max_connections: usize,
 }
 
 impl Default for ServerLimits {
@@ -37,6 +39,7 @@ impl Default for ServerLimits {
             transmission: TransmissionLimits::default(),
             handshake_timeout: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -125,13 +128,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut accept_tasks = JoinSet::new();
     let connections = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
 
     for listener in listeners {
         let exports = Arc::clone(&exports);
         let limits = limits.clone();
         let stop_rx = stop_rx.clone();
         let connections = Arc::clone(&connections);
-        accept_tasks.spawn(accept_loop(listener, exports, limits, stop_rx, connections));
+        let slots = Arc::clone(&slots);
+        accept_tasks.spawn(accept_loop(listener, exports, limits, stop_rx, connections, slots));
     }
 
     shutdown.await;
@@ -163,7 +168,9 @@ async fn accept_loop(
     limits: ServerLimits,
     stop_rx: watch::Receiver<bool>,
     connections: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+    slots: Arc<Semaphore>,
 ) {
+    let over_limit_log = RateLimitedLog::new(Duration::from_secs(10));
     loop {
         let accepted = match &listener {
             Listener::Tcp(tcp) => tcp.accept().await.map(|(stream, peer)| {
@@ -184,6 +191,16 @@ async fn accept_loop(
             }
         };
 
+        // Over the connection limit the socket closes at once; the client sees EOF.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            if let Some(suppressed) = over_limit_log.should_log() {
+                warn!(peer = %peer, max_connections = limits.max_connections, suppressed,
+                    "connection limit reached; closing new connections");
+            }
+            drop(stream);
+            continue;
+        };
+
         let exports = Arc::clone(&exports);
         let limits = limits.clone();
         let stop_rx = stop_rx.clone();
@@ -197,6 +214,7 @@ async fn accept_loop(
                     Connection::Tcp(s) => handle_connection(s, exports, limits, stop_rx).await,
                     Connection::Unix(s) => handle_connection(s, exports, limits, stop_rx).await,
                 }
+                drop(slot);
             }
             .instrument(span),
         );
@@ -227,8 +245,8 @@ pub async fn handle_connection<S>(
         _ = stop_rx.wait_for(|stop| *stop) => return,
     };
 
-    let export = match negotiated {
-        Ok(HandshakeOutcome::Transmission(export)) => export,
+    let session = match negotiated {
+        Ok(HandshakeOutcome::Transmission(session)) => session,
         Ok(HandshakeOutcome::Aborted) => {
             debug!("client aborted the handshake");
             return;
@@ -243,17 +261,46 @@ pub async fn handle_connection<S>(
         }
     };
 
-    let span = tracing::info_span!("export", name = %export.name());
+    let span = tracing::info_span!("export", name = %session.export.name());
     async move {
-        info!("client attached");
+        info!(structured_replies = session.structured_replies, "client attached");
         let (reader, writer) = tokio::io::split(stream);
-        match nbd::serve_transmission(reader, writer, export, &limits.transmission, stop_rx).await {
+        match nbd::serve_transmission(reader, writer, session, &limits.transmission, stop_rx).await {
             Ok(()) => info!("client detached"),
             Err(e) => info!(error = %e, "connection closed"),
         }
     }
     .instrument(span)
     .await
+}
+
+/// Lets a repeated warning through at most once per interval, counting what it held back.
+pub struct RateLimitedLog {
+    interval: Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    pub fn new(interval: Duration) -> Self {
+        RateLimitedLog { interval, state: std::sync::Mutex::new((None, 0)) }
+    }
+
+    /// Returns `Some(suppressed count)` when the caller should log now.
+    pub fn should_log(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.interval => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = state.1;
+                *state = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
 }
 
 /// Marks the process non-dumpable, so core dumps and ptrace by other users cannot read keys

@@ -13,7 +13,7 @@ mod locks;
 use std::io;
 use std::sync::Arc;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ZeroMode};
 use crate::crypto::{SectorCipher, SectorSize};
 pub use locks::{LockMode, RangeGuard, RangeLocks};
 
@@ -33,6 +33,33 @@ pub enum EngineError {
     Io(#[from] io::Error),
     #[error("request worker failed: {0}")]
     Worker(String),
+    #[error("the backing store cannot zero this range quickly")]
+    FastZeroUnsupported,
+}
+
+/// Status flags of a block status extent, as NBD's `base:allocation` context defines them.
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+
+/// Bytes of ciphertext one block status query reads to find zero sectors inside allocated
+/// extents. Holes cost nothing; past this budget the reply covers less than was asked,
+/// which the protocol allows.
+pub const BLOCK_STATUS_SCAN_BUDGET: u64 = 8 * 1024 * 1024;
+
+/// The result of a read: the plaintext, and where it came from zero ciphertext.
+#[derive(Debug, Default)]
+pub struct ReadOutput {
+    pub data: Vec<u8>,
+    /// Byte ranges, relative to the read's offset, of sectors whose ciphertext was all
+    /// zeros, so their plaintext is zeros by the plaintext zeros rule. Sorted, disjoint.
+    pub zero_runs: Vec<std::ops::Range<usize>>,
+}
+
+/// One extent of a block status reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    pub len: u32,
+    pub flags: u32,
 }
 
 /// Options of one export.
@@ -54,6 +81,20 @@ pub struct Export {
     /// Export size in bytes: the data area floored to whole sectors.
     size: u64,
     locks: RangeLocks,
+    /// Connections in the transmission phase on this export.
+    attached: std::sync::atomic::AtomicUsize,
+}
+
+/// A connection's claim on an export; dropping it releases the slot.
+#[derive(Debug)]
+pub struct AttachGuard {
+    export: Arc<Export>,
+}
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        self.export.attached.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for Export {
@@ -64,6 +105,18 @@ impl std::fmt::Debug for Export {
             .field("data_offset", &self.data_offset)
             .finish_non_exhaustive()
     }
+}
+
+/// Flags of a WRITE_ZEROES request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroOptions {
+    /// Keep the range allocated (NBD_CMD_FLAG_NO_HOLE).
+    pub no_hole: bool,
+    /// Fail with [`EngineError::FastZeroUnsupported`] rather than write zeros slowly
+    /// (NBD_CMD_FLAG_FAST_ZERO).
+    pub fast_only: bool,
+    /// Make the result durable before returning (NBD_CMD_FLAG_FUA).
+    pub fua: bool,
 }
 
 /// A byte range of the export expanded to whole sectors.
@@ -93,7 +146,30 @@ impl Export {
         size: u64,
     ) -> Self {
         debug_assert_eq!(size % cipher.sector_size().len_u64(), 0);
-        Export { options, backend, cipher, data_offset, size, locks: RangeLocks::new() }
+        Export {
+            options,
+            backend,
+            cipher,
+            data_offset,
+            size,
+            locks: RangeLocks::new(),
+            attached: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Claims one of `max` connection slots, or returns `None` when all are taken.
+    pub fn try_attach(self: &Arc<Self>, max: usize) -> Option<AttachGuard> {
+        use std::sync::atomic::Ordering;
+        let claimed = self
+            .attached
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| if n < max { Some(n + 1) } else { None })
+            .is_ok();
+        claimed.then(|| AttachGuard { export: Arc::clone(self) })
+    }
+
+    /// Number of connections attached now.
+    pub fn attached_connections(&self) -> usize {
+        self.attached.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {
@@ -143,24 +219,84 @@ impl Export {
 
     /// Reads and decrypts `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: u32) -> Result<Vec<u8>, EngineError> {
+        Ok(self.read_detailed(offset, len).await?.data)
+    }
+
+    /// Reads and decrypts `len` bytes at `offset`, also reporting which parts came from zero
+    /// ciphertext (holes), for structured replies.
+    pub async fn read_detailed(self: &Arc<Self>, offset: u64, len: u32) -> Result<ReadOutput, EngineError> {
         self.check_range(offset, u64::from(len))?;
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadOutput::default());
         }
         let span = self.span(offset, u64::from(len));
         let guard = self.locks.lock(span.first, span.first + span.count, LockMode::Shared).await;
 
         self.run_blocking(move |export| {
             let _guard = guard;
-            let mut buf = vec![0u8; span.len_bytes()];
-            export.read_sectors(span.first, &mut buf)?;
-            if span.head != 0 || buf.len() != len as usize {
-                buf.drain(..span.head);
-                buf.truncate(len as usize);
+            let mut data = vec![0u8; span.len_bytes()];
+            let zero_sectors = export.read_sectors(span.first, &mut data)?;
+            if span.head != 0 || data.len() != len as usize {
+                data.drain(..span.head);
+                data.truncate(len as usize);
             }
-            Ok(buf)
+
+            let mut zero_runs: Vec<std::ops::Range<usize>> = Vec::new();
+            for index in zero_sectors {
+                let start = (index * span.sector_len).saturating_sub(span.head);
+                let end = ((index + 1) * span.sector_len - span.head).min(len as usize);
+                match zero_runs.last_mut() {
+                    Some(last) if last.end == start => last.end = end,
+                    _ => zero_runs.push(start..end),
+                }
+            }
+            Ok(ReadOutput { data, zero_runs })
         })
         .await
+    }
+
+    /// Reports the allocation status of `offset..offset+len` as consecutive extents: HOLE
+    /// and ZERO for sectors that are holes in the backing store, ZERO for allocated sectors
+    /// whose ciphertext is all zeros, 0 for data. Every sector reported ZERO reads as zeros.
+    /// The extents may cover less than `len` (see [`BLOCK_STATUS_SCAN_BUDGET`]), but never
+    /// nothing.
+    pub async fn block_status(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<StatusExtent>, EngineError> {
+        self.check_range(offset, u64::from(len))?;
+        if len == 0 {
+            return Err(EngineError::OutOfRange { offset, len: 0, size: self.size });
+        }
+        let span = self.span(offset, u64::from(len));
+        let guard = self.locks.lock(span.first, span.first + span.count, LockMode::Shared).await;
+
+        self.run_blocking(move |export| {
+            let _guard = guard;
+            let runs = export.sector_status(span.first, span.count)?;
+
+            // Convert sector runs to byte extents clipped to the request.
+            let sector = span.sector_len as u64;
+            let end = offset + u64::from(len);
+            let mut extents: Vec<StatusExtent> = Vec::with_capacity(runs.len());
+            for (first, count, flags) in runs {
+                let start = (first * sector).max(offset);
+                let stop = ((first + count) * sector).min(end);
+                if stop <= start {
+                    continue;
+                }
+                extents.push(StatusExtent { len: (stop - start) as u32, flags });
+            }
+            Ok(extents)
+        })
+        .await
+    }
+
+    /// Checks a CACHE request. Reads go to the backing store's page cache anyway, so the
+    /// hint needs no work beyond validation.
+    pub fn cache(&self, offset: u64, len: u32) -> Result<(), EngineError> {
+        self.check_range(offset, u64::from(len))
     }
 
     /// Encrypts and writes `data` at `offset`; with `fua` the data is durable on return.
@@ -192,8 +328,7 @@ impl Export {
         self: &Arc<Self>,
         offset: u64,
         len: u32,
-        no_hole: bool,
-        fua: bool,
+        options: ZeroOptions,
     ) -> Result<(), EngineError> {
         if self.is_read_only() {
             return Err(EngineError::ReadOnly);
@@ -207,8 +342,9 @@ impl Export {
 
         self.run_blocking(move |export| {
             let _guard = guard;
-            export.zero_range(offset, u64::from(len), !no_hole)?;
-            if fua {
+            let mode = ZeroMode { may_unmap: !options.no_hole, fast_only: options.fast_only };
+            export.zero_range(offset, u64::from(len), mode)?;
+            if options.fua {
                 export.backend.flush()?;
             }
             Ok(())
@@ -280,16 +416,70 @@ impl Export {
     }
 
     /// Reads whole sectors starting at data sector `first` and decrypts them in place,
-    /// applying the plaintext zeros rule.
-    fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+    /// applying the plaintext zeros rule. Returns the indexes (within `buf`) of the sectors
+    /// that were zero ciphertext.
+    fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<Vec<usize>, EngineError> {
         let sector_len = self.sector_size().len();
         self.backend.read_at(buf, self.data_offset + first * sector_len as u64)?;
+        let mut zero_sectors = Vec::new();
         for (index, sector) in buf.chunks_exact_mut(sector_len).enumerate() {
-            if !is_all_zero(sector) {
+            if is_all_zero(sector) {
+                zero_sectors.push(index);
+            } else {
                 self.cipher.decrypt_sectors(first + index as u64, sector);
             }
         }
-        Ok(())
+        Ok(zero_sectors)
+    }
+
+    /// Classifies `count` sectors from data sector `first` into runs of
+    /// `(first sector, sector count, status flags)`, stopping early once the scan budget
+    /// is spent.
+    fn sector_status(&self, first: u64, count: u64) -> Result<Vec<(u64, u64, u32)>, EngineError> {
+        let sector = self.sector_size().len_u64();
+        let mut runs: Vec<(u64, u64, u32)> = Vec::new();
+        let push = |runs: &mut Vec<(u64, u64, u32)>, start: u64, len: u64, flags: u32| match runs.last_mut() {
+            Some(last) if last.2 == flags && last.0 + last.1 == start => last.1 += len,
+            _ => runs.push((start, len, flags)),
+        };
+
+        let extents = self.backend.extents(self.data_offset + first * sector, count * sector)?;
+        let mut position = first * sector;
+        let mut next = first;
+        let mut budget = BLOCK_STATUS_SCAN_BUDGET;
+        let mut scratch = vec![0u8; sector as usize];
+        let mut scan = |runs: &mut Vec<(u64, u64, u32)>, index: u64| -> Result<(), EngineError> {
+            self.backend.read_at(&mut scratch, self.data_offset + index * sector)?;
+            let flags = if is_all_zero(&scratch) { STATE_ZERO } else { 0 };
+            push(runs, index, 1, flags);
+            Ok(())
+        };
+
+        for extent in extents {
+            let extent_end = position + extent.len;
+            // A sector is classified in the extent where it ends. Sectors wholly inside a
+            // hole read as zeros without being read; all others are scanned.
+            let hole_first = position.div_ceil(sector);
+            let hole_end = extent_end / sector;
+            loop {
+                if extent.is_hole && next == hole_first && hole_first < hole_end {
+                    push(&mut runs, next, hole_end - next, STATE_HOLE | STATE_ZERO);
+                    next = hole_end;
+                    continue;
+                }
+                if (next + 1) * sector > extent_end {
+                    break;
+                }
+                if budget < sector && !runs.is_empty() {
+                    return Ok(runs);
+                }
+                scan(&mut runs, next)?;
+                budget = budget.saturating_sub(sector);
+                next += 1;
+            }
+            position = extent_end;
+        }
+        Ok(runs)
     }
 
     /// Writes `data` over `span`, reading back the partial edge sectors first.
@@ -316,14 +506,21 @@ impl Export {
         Ok(())
     }
 
-    fn zero_range(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), EngineError> {
+    fn zero_range(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<(), EngineError> {
         let sector = self.sector_size().len_u64();
         let end = offset + len;
         let whole_start = offset.div_ceil(sector) * sector;
         let whole_end = end / sector * sector;
 
         if whole_start < whole_end {
-            self.backend.write_zeroes(self.data_offset + whole_start, whole_end - whole_start, may_unmap)?;
+            let result =
+                self.backend.write_zeroes(self.data_offset + whole_start, whole_end - whole_start, mode);
+            if let Err(e) = result {
+                if e.kind() == io::ErrorKind::Unsupported && mode.fast_only {
+                    return Err(EngineError::FastZeroUnsupported);
+                }
+                return Err(e.into());
+            }
         }
         // Partial sectors: the head, and the tail when it lies in a different sector.
         let mut partial = Vec::new();

@@ -63,7 +63,7 @@ async fn write_zeroes_reads_back_zeros() {
     let (export, backend) = export_with(SectorSize::S4096, 8, false);
     let base = pattern(8 * 4096, 3);
     export.write(0, base.clone(), false).await.unwrap();
-    export.write_zeroes(1000, 10000, false, false).await.unwrap();
+    export.write_zeroes(1000, 10000, ZeroOptions::default()).await.unwrap();
     let mut expected = base;
     expected[1000..11000].fill(0);
     assert_eq!(export.read(0, expected.len() as u32).await.unwrap(), expected);
@@ -73,6 +73,34 @@ async fn write_zeroes_reads_back_zeros() {
     assert!(sector_1.iter().all(|&b| b == 0));
     let sector_0 = backend.snapshot(DATA_OFFSET as usize, 4096);
     assert!(!sector_0.iter().all(|&b| b == 0));
+}
+
+#[tokio::test]
+async fn block_status_reports_zero_sectors() {
+    let (export, _) = export_with(SectorSize::S4096, 8, true);
+    assert_eq!(
+        export.block_status(0, 8 * 4096).await.unwrap(),
+        vec![StatusExtent { len: 8 * 4096, flags: STATE_ZERO }]
+    );
+
+    export.write(4096, pattern(8192, 1), false).await.unwrap();
+    let extents = export.block_status(100, 8 * 4096 - 100).await.unwrap();
+    assert_eq!(
+        extents,
+        vec![
+            StatusExtent { len: 3996, flags: STATE_ZERO },
+            StatusExtent { len: 8192, flags: 0 },
+            StatusExtent { len: 5 * 4096, flags: STATE_ZERO },
+        ]
+    );
+
+    export.write_zeroes(4096, 4096, ZeroOptions::default()).await.unwrap();
+    let extents = export.block_status(4096, 8192).await.unwrap();
+    assert_eq!(
+        extents,
+        vec![StatusExtent { len: 4096, flags: STATE_ZERO }, StatusExtent { len: 4096, flags: 0 }]
+    );
+    assert!(export.block_status(8 * 4096, 1).await.is_err());
 }
 
 #[tokio::test]
@@ -147,12 +175,26 @@ proptest! {
                         model[range].copy_from_slice(&data);
                     }
                     1 => {
-                        export.write_zeroes(offset, len, seed % 2 == 0, false).await.unwrap();
+                        export.write_zeroes(offset, len, ZeroOptions { no_hole: seed % 2 == 0, ..ZeroOptions::default() }).await.unwrap();
                         model[range].fill(0);
                     }
                     _ => {
-                        let got = export.read(offset, len).await.unwrap();
-                        assert_eq!(&got[..], &model[range]);
+                        let got = export.read_detailed(offset, len).await.unwrap();
+                        assert_eq!(&got.data[..], &model[range.clone()]);
+                        for run in got.zero_runs {
+                            assert!(got.data[run].iter().all(|&b| b == 0), "a zero run holds data");
+                        }
+                        let extents = export.block_status(offset, len).await.unwrap();
+                        assert!(!extents.is_empty());
+                        let mut at = offset as usize;
+                        for extent in extents {
+                            if extent.flags & STATE_ZERO != 0 {
+                                assert!(model[at..at + extent.len as usize].iter().all(|&b| b == 0),
+                                    "block status reports zeros over data at {at}");
+                            }
+                            at += extent.len as usize;
+                        }
+                        assert!(at <= range.end);
                     }
                 }
             }

@@ -70,5 +70,6 @@ pub fn error_code(error: &EngineError, command: u16) -> u32 {
             _ => consts::EIO,
         },
         EngineError::Worker(_) => consts::EIO,
+        EngineError::FastZeroUnsupported => consts::ENOTSUP,
     }
 }

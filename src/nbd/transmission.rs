@@ -1,5 +1,7 @@
-//! The transmission phase with simple replies: many requests in flight per connection,
-//! each handled by its own task, replies written in completion order by one writer task.
+//! The transmission phase: many requests in flight per connection, each handled by its own
+//! task, replies written in completion order by one writer task. Clients that negotiated
+//! structured replies get READ data as data and hole chunks, BLOCK_STATUS, and errors as
+//! error chunks with a message; the others get simple replies.
 //!
 //! A request's bytes count against the connection's in-flight budget from the moment its
 //! header is read until its reply is queued, so a client that sends faster than the disk
@@ -12,9 +14,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn, Instrument};
 
 use super::consts::*;
-use super::handshake::eof_is_disconnect;
+use super::handshake::{eof_is_disconnect, Session};
 use super::{error_code, NbdError};
-use crate::engine::{EngineError, Export, MAX_PAYLOAD};
+use crate::engine::{EngineError, Export, ZeroOptions, MAX_PAYLOAD};
 
 /// Length of a request header on the wire.
 const REQUEST_HEADER_LEN: usize = 28;
@@ -36,10 +38,35 @@ impl Default for TransmissionLimits {
     }
 }
 
-struct Reply {
-    cookie: u64,
-    error: u32,
-    data: Vec<u8>,
+/// A reply ready to be written.
+enum Reply {
+    Simple {
+        cookie: u64,
+        error: u32,
+        data: Vec<u8>,
+    },
+    /// Structured chunks whose bulk bytes are ranges of `data`.
+    Structured {
+        cookie: u64,
+        chunks: Vec<Chunk>,
+        data: Vec<u8>,
+    },
+}
+
+/// One structured reply chunk: fixed fields in `fields`, then `data` bytes of the reply.
+struct Chunk {
+    flags: u16,
+    kind: u16,
+    fields: Vec<u8>,
+    data: std::ops::Range<usize>,
+}
+
+/// What every request task of a connection needs to know about its session.
+struct Context {
+    export: Arc<Export>,
+    structured_replies: bool,
+    base_allocation: Option<u32>,
+    max_payload: u32,
 }
 
 /// Serves requests until the client disconnects, sends NBD_CMD_DISC, or `shutdown` turns
@@ -47,7 +74,7 @@ struct Reply {
 pub async fn serve_transmission<R, W>(
     mut reader: R,
     writer: W,
-    export: Arc<Export>,
+    session: Session,
     limits: &TransmissionLimits,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), NbdError>
@@ -55,6 +82,8 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Session { export, structured_replies, base_allocation, max_payload, attach_guard, .. } = session;
+    let context = Arc::new(Context { export, structured_replies, base_allocation, max_payload });
     let budget_permits = limits.max_in_flight_bytes.div_ceil(BUDGET_UNIT).max(1);
     let budget = Arc::new(Semaphore::new(budget_permits as usize));
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
@@ -89,7 +118,8 @@ where
             .await
             .expect("the budget semaphore is never closed");
 
-        let payload = if request.command == CMD_WRITE {
+        let mut payload = Vec::new();
+        if request.command == CMD_WRITE {
             if request.len > MAX_PAYLOAD {
                 // The payload cannot be skipped safely at this size; end the connection.
                 break Err(NbdError::Protocol(format!(
@@ -97,20 +127,31 @@ where
                     request.len
                 )));
             }
-            let mut payload = vec![0u8; request.len as usize];
-            if let Err(e) = reader.read_exact(&mut payload).await {
+            let read = if request.len > context.max_payload {
+                // Above the advertised maximum but within 32 MiB: consume and reject it, so
+                // the connection stays usable.
+                let skipped =
+                    tokio::io::copy(&mut (&mut reader).take(u64::from(request.len)), &mut tokio::io::sink())
+                        .await;
+                match skipped {
+                    Ok(n) if n == u64::from(request.len) => Ok(()),
+                    Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                    Err(e) => Err(e),
+                }
+            } else {
+                payload = vec![0u8; request.len as usize];
+                reader.read_exact(&mut payload).await.map(|_| ())
+            };
+            if let Err(e) = read {
                 // A client that vanishes mid-payload gets nothing written.
                 break match eof_is_disconnect(e) {
                     NbdError::Disconnected => Ok(()),
                     other => Err(other),
                 };
             }
-            payload
-        } else {
-            Vec::new()
-        };
+        }
 
-        let export = Arc::clone(&export);
+        let context = Arc::clone(&context);
         let reply_tx = reply_tx.clone();
         let span = tracing::debug_span!(
             "request",
@@ -121,7 +162,7 @@ where
         );
         tokio::spawn(
             async move {
-                let reply = execute(&export, &request, payload).await;
+                let reply = execute(&context, &request, payload).await;
                 // The writer may be gone if the client disconnected; the work is done anyway.
                 let _ = reply_tx.send(reply);
                 drop(permit);
@@ -138,6 +179,7 @@ where
         Ok(Err(e)) => debug!(error = %e, "writing replies stopped"),
         Err(e) => warn!(error = %e, "reply writer task failed"),
     }
+    drop(attach_guard);
     result
 }
 
@@ -165,56 +207,160 @@ impl Request {
 }
 
 /// Runs one request and builds its reply.
-async fn execute(export: &Arc<Export>, request: &Request, payload: Vec<u8>) -> Reply {
-    let fail = |error: u32| Reply { cookie: request.cookie, error, data: Vec::new() };
-
+async fn execute(context: &Context, request: &Request, payload: Vec<u8>) -> Reply {
+    let export = &context.export;
     let allowed_flags = match request.command {
-        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_READ if context.structured_replies => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
         _ => {
             debug!("unknown command");
-            return fail(EINVAL);
+            return error_reply(context, request, EINVAL, "unknown command");
         }
     };
     if request.flags & !allowed_flags != 0 {
         debug!(flags = request.flags, "unsupported command flags");
-        return fail(EINVAL);
+        return error_reply(context, request, EINVAL, "flags not valid for this command");
     }
     let fua = request.flags & CMD_FLAG_FUA != 0;
 
-    let result: Result<Vec<u8>, EngineError> = match request.command {
-        CMD_READ => {
-            if request.len > MAX_PAYLOAD {
-                return fail(EINVAL);
-            }
-            let data = export.read(request.offset, request.len).await;
-            match data {
-                Ok(data) if fua => export.flush().await.map(|()| data),
-                other => other,
-            }
+    let outcome = match request.command {
+        CMD_READ => return execute_read(context, request, fua).await,
+        CMD_BLOCK_STATUS => return execute_block_status(context, request, fua).await,
+        CMD_WRITE if request.len > context.max_payload => {
+            return error_reply(context, request, EINVAL, "payload exceeds the advertised maximum")
         }
-        CMD_WRITE => export.write(request.offset, payload, fua).await.map(|()| Vec::new()),
-        CMD_FLUSH => export.flush().await.map(|()| Vec::new()),
-        CMD_TRIM => export.trim(request.offset, request.len, fua).await.map(|()| Vec::new()),
+        CMD_WRITE => export.write(request.offset, payload, fua).await,
+        CMD_FLUSH => export.flush().await,
+        CMD_TRIM => export.trim(request.offset, request.len, fua).await,
+        CMD_CACHE => export.cache(request.offset, request.len),
         CMD_WRITE_ZEROES => {
-            let no_hole = request.flags & CMD_FLAG_NO_HOLE != 0;
-            export.write_zeroes(request.offset, request.len, no_hole, fua).await.map(|()| Vec::new())
+            let options = ZeroOptions {
+                no_hole: request.flags & CMD_FLAG_NO_HOLE != 0,
+                fast_only: request.flags & CMD_FLAG_FAST_ZERO != 0,
+                fua,
+            };
+            export.write_zeroes(request.offset, request.len, options).await
         }
         _ => unreachable!("commands were filtered above"),
     };
+    match outcome {
+        Ok(()) => Reply::Simple { cookie: request.cookie, error: 0, data: Vec::new() },
+        Err(error) => engine_error_reply(context, request, &error),
+    }
+}
 
-    match result {
-        Ok(data) => Reply { cookie: request.cookie, error: 0, data },
-        Err(error) => {
-            let code = error_code(&error, request.command);
-            if code == EIO {
-                warn!(error = %error, "request failed");
-            } else {
-                debug!(error = %error, code, "request rejected");
-            }
-            fail(code)
+async fn execute_read(context: &Context, request: &Request, fua: bool) -> Reply {
+    if request.len > context.max_payload {
+        return error_reply(context, request, EINVAL, "read exceeds the advertised maximum payload");
+    }
+    let export = &context.export;
+    let mut result = export.read_detailed(request.offset, request.len).await;
+    if fua && result.is_ok() {
+        if let Err(e) = export.flush().await {
+            result = Err(e);
         }
     }
+    let output = match result {
+        Ok(output) => output,
+        Err(error) => return engine_error_reply(context, request, &error),
+    };
+    if !context.structured_replies {
+        return Reply::Simple { cookie: request.cookie, error: 0, data: output.data };
+    }
+
+    // Data chunks for the plaintext, hole chunks where the ciphertext was zeros. A DF read
+    // (no fragmentation) gets one data chunk.
+    let mut chunks = Vec::new();
+    let len = output.data.len();
+    let holes = if request.flags & CMD_FLAG_DF != 0 { Vec::new() } else { output.zero_runs };
+    let mut position = 0usize;
+    let data_chunk = |start: usize, end: usize| Chunk {
+        flags: 0,
+        kind: REPLY_TYPE_OFFSET_DATA,
+        fields: (request.offset + start as u64).to_be_bytes().to_vec(),
+        data: start..end,
+    };
+    for hole in holes {
+        if hole.start > position {
+            chunks.push(data_chunk(position, hole.start));
+        }
+        let mut fields = (request.offset + hole.start as u64).to_be_bytes().to_vec();
+        fields.extend_from_slice(&((hole.end - hole.start) as u32).to_be_bytes());
+        chunks.push(Chunk { flags: 0, kind: REPLY_TYPE_OFFSET_HOLE, fields, data: 0..0 });
+        position = hole.end;
+    }
+    if position < len {
+        chunks.push(data_chunk(position, len));
+    }
+    finish_chunks(request.cookie, chunks, output.data)
+}
+
+async fn execute_block_status(context: &Context, request: &Request, fua: bool) -> Reply {
+    let Some(context_id) = context.base_allocation.filter(|_| context.structured_replies) else {
+        return error_reply(context, request, EINVAL, "no metadata context was selected for this export");
+    };
+    let export = &context.export;
+    let mut extents = match export.block_status(request.offset, request.len).await {
+        Ok(extents) => extents,
+        Err(error) => return engine_error_reply(context, request, &error),
+    };
+    if fua {
+        if let Err(error) = export.flush().await {
+            return engine_error_reply(context, request, &error);
+        }
+    }
+    if request.flags & CMD_FLAG_REQ_ONE != 0 {
+        extents.truncate(1);
+    }
+
+    let mut fields = Vec::with_capacity(4 + 8 * extents.len());
+    fields.extend_from_slice(&context_id.to_be_bytes());
+    for extent in &extents {
+        fields.extend_from_slice(&extent.len.to_be_bytes());
+        fields.extend_from_slice(&extent.flags.to_be_bytes());
+    }
+    let chunk = Chunk { flags: 0, kind: REPLY_TYPE_BLOCK_STATUS, fields, data: 0..0 };
+    finish_chunks(request.cookie, vec![chunk], Vec::new())
+}
+
+/// Marks the last chunk DONE (adding a NONE chunk when there is none) and builds the reply.
+fn finish_chunks(cookie: u64, mut chunks: Vec<Chunk>, data: Vec<u8>) -> Reply {
+    match chunks.last_mut() {
+        Some(last) => last.flags |= REPLY_FLAG_DONE,
+        None => chunks.push(Chunk {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_NONE,
+            fields: Vec::new(),
+            data: 0..0,
+        }),
+    }
+    Reply::Structured { cookie, chunks, data }
+}
+
+fn engine_error_reply(context: &Context, request: &Request, error: &EngineError) -> Reply {
+    let code = error_code(error, request.command);
+    if code == EIO {
+        warn!(error = %error, "request failed");
+    } else {
+        debug!(error = %error, code, "request rejected");
+    }
+    error_reply(context, request, code, &error.to_string())
+}
+
+/// An error reply: an ERROR chunk with a message under structured replies, else simple.
+fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -> Reply {
+    if !context.structured_replies {
+        return Reply::Simple { cookie: request.cookie, error: code, data: Vec::new() };
+    }
+    let message = &message.as_bytes()[..message.len().min(MAX_STRING_LEN)];
+    let mut fields = Vec::with_capacity(6 + message.len());
+    fields.extend_from_slice(&code.to_be_bytes());
+    fields.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    fields.extend_from_slice(message);
+    let chunk = Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_ERROR, fields, data: 0..0 };
+    Reply::Structured { cookie: request.cookie, chunks: vec![chunk], data: Vec::new() }
 }
 
 /// Writes replies in the order they complete, flushing when no more are queued.
@@ -234,13 +380,31 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 }
 
 async fn write_one<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, reply: &Reply) -> std::io::Result<()> {
-    let mut header = [0u8; 16];
-    header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    header[4..8].copy_from_slice(&reply.error.to_be_bytes());
-    header[8..].copy_from_slice(&reply.cookie.to_be_bytes());
-    writer.write_all(&header).await?;
-    if reply.error == 0 && !reply.data.is_empty() {
-        writer.write_all(&reply.data).await?;
+    match reply {
+        Reply::Simple { cookie, error, data } => {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+            header[4..8].copy_from_slice(&error.to_be_bytes());
+            header[8..].copy_from_slice(&cookie.to_be_bytes());
+            writer.write_all(&header).await?;
+            if *error == 0 && !data.is_empty() {
+                writer.write_all(data).await?;
+            }
+        }
+        Reply::Structured { cookie, chunks, data } => {
+            for chunk in chunks {
+                let len = chunk.fields.len() + chunk.data.len();
+                let mut header = [0u8; 20];
+                header[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                header[4..6].copy_from_slice(&chunk.flags.to_be_bytes());
+                header[6..8].copy_from_slice(&chunk.kind.to_be_bytes());
+                header[8..16].copy_from_slice(&cookie.to_be_bytes());
+                header[16..20].copy_from_slice(&(len as u32).to_be_bytes());
+                writer.write_all(&header).await?;
+                writer.write_all(&chunk.fields).await?;
+                writer.write_all(&data[chunk.data.clone()]).await?;
+            }
+        }
     }
     Ok(())
 }
