@@ -20,7 +20,7 @@
 #   KMIP_DB=PATH     object store (default DIR/pykmip.db); two servers given the same store
 #                    and the same certs/ hold the same keys, standing in for a cluster
 #   KMIP_CERTS=DIR   reuse the certificates in DIR instead of making new ones
-#   PYKMIP_PYTHON    interpreter with the kmip package (default /usr/bin/python3, which sees
+#   PYKMIP_PYTHON    interpreter with the kmip package (default /usr/bin/python3, which imports
 #                    Debian's python3-pykmip)
 #
 # Stop with scripts/kms/stop-pykmip.sh DIR.

@@ -14,7 +14,7 @@ use crate::crypto::{VolumeKey, VOLUME_KEY_LEN};
 
 struct Entry {
     key_id: String,
-    /// SHA-256 of the wrapped key, so one KEK's volumes are told apart without storing the
+    /// SHA-256 of the wrapped key, so volumes sharing a KEK are distinguished without storing the
     /// wrapped bytes.
     wrapped_digest: [u8; 32],
     volume_key: Zeroizing<[u8; VOLUME_KEY_LEN]>,
@@ -49,7 +49,7 @@ impl KeyCache {
         });
     }
 
-    /// The cached volume key for this wrapped key, if it has not expired.
+    /// Returns the cached volume key for this wrapped key, if it has not expired.
     pub fn get(&self, key_id: &str, wrapped: &[u8]) -> Option<VolumeKey> {
         let digest: [u8; 32] = Sha256::digest(wrapped).into();
         let now = Instant::now();

@@ -37,7 +37,7 @@ pub enum ServerError {
 }
 
 impl ServerError {
-    /// Whether another server may succeed where this one failed.
+    /// Returns whether another server may succeed where this one failed.
     fn is_failover(&self) -> bool {
         matches!(self, ServerError::Transport(_) | ServerError::Response(ResponseError::Malformed(_)))
     }
@@ -65,7 +65,7 @@ struct Server {
     reachable: AtomicBool,
 }
 
-/// What `check` found out about one server.
+/// Result of `check` for one server.
 pub struct ServerReport {
     pub address: String,
     pub result: Result<ServerInfo, ServerError>,
@@ -113,7 +113,7 @@ impl Cluster {
     }
 
     /// Sends `op` with the payload `build` makes for the agreed version, to the first
-    /// server that answers before `deadline`. Returns the version used and the payload.
+    /// server that responds before `deadline`. Returns the version used and the payload.
     pub async fn call(
         &self,
         op: Operation,
@@ -171,7 +171,7 @@ impl Cluster {
         Err(KmipError::Unavailable { provider: self.provider.clone(), elapsed: started.elapsed(), attempts })
     }
 
-    /// Server indexes: reachable ones first, starting with the last that answered.
+    /// Server indexes: reachable ones first, starting with the last that responded.
     fn attempt_order(&self) -> Vec<usize> {
         let n = self.servers.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
@@ -318,7 +318,7 @@ impl Cluster {
         self.negotiate(&mut connection, deadline).await
     }
 
-    /// Whether any server answers a probe now.
+    /// Returns Ok when any server responds to a probe now, else every server's error.
     pub async fn is_any_reachable(&self) -> Result<(), String> {
         let mut errors = Vec::new();
         for server in &self.servers {

@@ -7,7 +7,7 @@ use super::ttlv::{self, Item, TtlvError, Value};
 /// here carry a key or a short attribute list and stay below 4 KiB.
 pub const MAX_RESPONSE_LEN: usize = 64 * 1024;
 
-/// What went wrong with one response.
+/// Error in one response.
 #[derive(Debug, thiserror::Error)]
 pub enum ResponseError {
     #[error(transparent)]
@@ -76,7 +76,7 @@ pub fn decode_response(bytes: &[u8], op: Operation) -> Result<Item, ResponseErro
     }
 }
 
-/// Checks that the batch item answers `op` and succeeded, or returns the reported failure.
+/// Checks that the batch item is the reply to `op` and succeeded, or returns the reported failure.
 fn check_batch_item(item: &Item, op: Operation) -> Result<(), ResponseError> {
     let invalid = |reason: String| ResponseError::Invalid { op: op.name(), reason };
     if let Some(Value::Enumeration(echoed)) = item.child(tag::OPERATION).map(|i| &i.value) {
@@ -126,7 +126,7 @@ fn truncate(text: &str, max_chars: usize) -> String {
     }
 }
 
-/// The Enumeration child with `tag`; the error says "is missing" or "has the wrong type".
+/// Returns the Enumeration child with `tag`, or the reason "is missing" or "has the wrong type".
 pub fn enumeration(item: &Item, tag: u32) -> Result<u32, &'static str> {
     match item.child(tag).map(|i| &i.value) {
         Some(Value::Enumeration(v)) => Ok(*v),
@@ -135,7 +135,7 @@ pub fn enumeration(item: &Item, tag: u32) -> Result<u32, &'static str> {
     }
 }
 
-/// The Integer child with `tag`.
+/// Returns the Integer child with `tag`.
 pub fn integer(item: &Item, tag: u32) -> Result<i32, &'static str> {
     match item.child(tag).map(|i| &i.value) {
         Some(Value::Integer(v)) => Ok(*v),
@@ -144,7 +144,7 @@ pub fn integer(item: &Item, tag: u32) -> Result<i32, &'static str> {
     }
 }
 
-/// The Text String child with `tag`.
+/// Returns the Text String child with `tag`.
 pub fn text(item: &Item, tag: u32) -> Result<&str, &'static str> {
     match item.child(tag).map(|i| &i.value) {
         Some(Value::TextString(v)) => Ok(v),
@@ -153,7 +153,7 @@ pub fn text(item: &Item, tag: u32) -> Result<&str, &'static str> {
     }
 }
 
-/// The Byte String child with `tag`.
+/// Returns the Byte String child with `tag`.
 pub fn bytes(item: &Item, tag: u32) -> Result<&[u8], &'static str> {
     match item.child(tag).map(|i| &i.value) {
         Some(Value::ByteString(v)) => Ok(v),

@@ -2,7 +2,7 @@
 //!
 //! Two modes sit behind the same wrap and unwrap operations:
 //! - `get`: nbdcrypt fetches the KEK (Get, Key Format Type Raw) and wraps the volume key
-//!   locally with AES key wrap (RFC 3394); the token records `aes-kw`.
+//!   locally with AES key wrap (RFC 3394). The token records `aes-kw`.
 //! - `encrypt`: the KEK never leaves the KMS. The KMS encrypts the volume key with
 //!   AES-256-CBC, PKCS#5 padding and a random IV that nbdcrypt sends; the token records
 //!   `kmip-aes-cbc` and stores the IV followed by the ciphertext. CBC has no integrity of
@@ -69,7 +69,7 @@ fn format_attempts(attempts: &[(String, String)]) -> String {
     attempts.iter().map(|(server, error)| format!("{server}: {error}")).collect::<Vec<_>>().join("; ")
 }
 
-/// How volume keys are wrapped.
+/// Wrapping mode of new volume keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -249,7 +249,7 @@ impl KmipProvider {
         ops::parse_locate(&payload).map_err(|reason| self.invalid_key(name, reason))
     }
 
-    /// The KMIP Name given to the KEK of a volume.
+    /// Returns the KMIP Name given to the KEK of a volume.
     pub fn key_name(volume_uuid: &str) -> String {
         format!("nbdcrypt-{volume_uuid}")
     }

@@ -18,7 +18,7 @@ pub fn discover_versions(offered: &[ProtocolVersion]) -> Vec<Item> {
     offered.iter().map(|v| protocol_version_item(*v)).collect()
 }
 
-/// The versions the server returned, in its order of preference.
+/// Parses the versions the server returned, in its order of preference.
 pub fn parse_discover_versions(payload: &Item) -> Result<Vec<ProtocolVersion>, PayloadError> {
     payload
         .children_with(tag::PROTOCOL_VERSION)
@@ -88,7 +88,7 @@ fn attributes_container(
     Item::structure(container_1x, items)
 }
 
-/// The Unique Identifier in Create, Activate, Revoke, Destroy and other responses.
+/// Parses the Unique Identifier in Create, Activate, Revoke, Destroy and other responses.
 pub fn parse_unique_identifier(payload: &Item) -> Result<String, PayloadError> {
     let id = text(payload, tag::UNIQUE_IDENTIFIER).map_err(|e| format!("Unique Identifier {e}"))?;
     if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
@@ -159,7 +159,7 @@ pub fn get_state(version: ProtocolVersion, id: &str) -> Vec<Item> {
     vec![Item::text(tag::UNIQUE_IDENTIFIER, id), reference]
 }
 
-/// The State value from a Get Attributes response, in its 1.x or 2.0 layout.
+/// Parses the State value from a Get Attributes response, in its 1.x or 2.0 layout.
 pub fn parse_state(payload: &Item) -> Result<u32, PayloadError> {
     if let Some(attributes) = payload.child(tag::ATTRIBUTES) {
         return enumeration(attributes, tag::STATE).map_err(|e| format!("State {e}"));
@@ -185,7 +185,7 @@ pub fn locate_by_name(version: ProtocolVersion, name: &str) -> Vec<Item> {
     )]
 }
 
-/// Every Unique Identifier a Locate response lists.
+/// Parses every Unique Identifier a Locate response lists.
 pub fn parse_locate(payload: &Item) -> Result<Vec<String>, PayloadError> {
     payload
         .children_with(tag::UNIQUE_IDENTIFIER)
@@ -218,7 +218,7 @@ pub fn query() -> Vec<Item> {
     ]
 }
 
-/// What Query returned: the operation codes and the vendor string.
+/// Query result: the operation codes and the vendor string.
 pub struct QueryInfo {
     pub operations: Vec<u32>,
     pub vendor: Option<String>,
@@ -254,7 +254,7 @@ pub fn cbc_crypt(id: &str, data: &[u8], iv: &[u8]) -> Vec<Item> {
     ]
 }
 
-/// The Data of an Encrypt or Decrypt response.
+/// Parses the Data of an Encrypt or Decrypt response.
 pub fn parse_data(payload: &Item) -> Result<Zeroizing<Vec<u8>>, PayloadError> {
     bytes(payload, tag::DATA).map(|d| Zeroizing::new(d.to_vec())).map_err(|e| format!("Data {e}"))
 }

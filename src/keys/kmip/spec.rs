@@ -70,7 +70,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    /// The operation's name as the specification spells it.
+    /// Returns the operation's name as the specification spells it.
     pub fn name(self) -> &'static str {
         match self {
             Operation::Create => "Create",

@@ -70,13 +70,14 @@ pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, String> 
             files.client_cert.display()
         ));
     }
-    // The key's PEM parse error says only where parsing stopped, never the key bytes.
+    // The PEM parse error of the key contains only the position where parsing stopped,
+    // never key bytes.
     let key = PrivateKeyDer::from_pem_file(files.client_key)
         .map_err(|e| format!("client key {} is missing or invalid: {e}", files.client_key.display()))?;
 
-    // ring rather than aws-lc-rs, whose build needs cmake; rustls 0.23.48 deprecates the
-    // ring provider only for lacking post-quantum key exchange, which TLS 1.2 peers such
-    // as PyKMIP cannot use anyway.
+    // ring rather than aws-lc-rs, because aws-lc-rs needs cmake to build. rustls 0.23.48
+    // deprecates the ring provider only for lacking post-quantum key exchange, which TLS 1.2
+    // peers such as PyKMIP cannot use anyway.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)

@@ -174,18 +174,18 @@ impl Item {
         }
     }
 
-    /// The first child with `tag`, wherever it sits among its siblings.
+    /// Returns the first child with `tag`, wherever it sits among its siblings.
     pub fn child(&self, tag: u32) -> Option<&Item> {
         self.children().iter().find(|item| item.tag == tag)
     }
 
-    /// Every child with `tag`, in order.
+    /// Returns every child with `tag`, in order.
     pub fn children_with(&self, tag: u32) -> impl Iterator<Item = &Item> {
         self.children().iter().filter(move |item| item.tag == tag)
     }
 }
 
-/// What is wrong with a TTLV encoding.
+/// Kind of fault in a TTLV encoding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TtlvErrorKind {
     #[error("input ends inside an item: {needed} more bytes needed")]
