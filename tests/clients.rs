@@ -200,6 +200,7 @@ fn fio_nbd_engine_verify() {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--do_verify=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let report = parse_json_output(&output.stdout);
