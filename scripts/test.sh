@@ -3,7 +3,7 @@
 # real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio), cryptsetup, and the
 # QEMU guest tests (kernel nbd-client, QEMU's NBD driver, dm-crypt).
 #
-# Usage: scripts/test.sh [extra cargo test arguments]
+# Usage: scripts/test.sh [cargo test arguments before "--", such as a test name]
 #
 # As root, missing Debian packages are installed first (scripts/install-deps.sh). As
 # another user, a missing tool makes the tests that need it fail with its name.
@@ -23,4 +23,10 @@ if ! command -v cargo >/dev/null; then
 fi
 
 cargo build --locked --all-targets
-cargo test --locked --all-targets "$@"
+
+# Tests that need root (loop devices) are #[ignore]d by default and run here as root.
+if [[ $(id -u) -eq 0 ]]; then
+  cargo test --locked --all-targets "$@" -- --include-ignored
+else
+  cargo test --locked --all-targets "$@"
+fi
