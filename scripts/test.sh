@@ -25,8 +25,11 @@ fi
 cargo build --locked --all-targets
 
 # Tests that need root (loop devices) are #[ignore]d by default and run here as root.
+libtest_args=()
 if [[ $(id -u) -eq 0 ]]; then
-  cargo test --locked --all-targets "$@" -- --include-ignored
-else
-  cargo test --locked --all-targets "$@"
+  libtest_args=(--include-ignored)
 fi
+cargo test --locked --lib --bins --tests "$@" -- "${libtest_args[@]}"
+
+# Benchmarks run once each as a smoke test; their numbers come from scripts/bench.sh.
+cargo test --locked --benches "$@"
