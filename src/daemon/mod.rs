@@ -44,7 +44,7 @@ impl Default for ServerLimits {
     }
 }
 
-/// Where the server listens.
+/// A listen address.
 #[derive(Debug, Clone)]
 pub enum ListenAddr {
     Tcp(std::net::SocketAddr),

@@ -97,5 +97,5 @@ pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
-/// Longest export name or other string the protocol allows.
+/// Maximum length in bytes of an export name or other protocol string.
 pub const MAX_STRING_LEN: usize = 4096;

@@ -41,7 +41,7 @@ impl Default for HandshakeLimits {
     }
 }
 
-/// What the handshake settled for the transmission phase.
+/// Settings the handshake agreed on for the transmission phase.
 #[derive(Debug)]
 pub struct Session {
     pub export: Arc<Export>,
@@ -57,7 +57,7 @@ pub struct Session {
     pub attach_guard: AttachGuard,
 }
 
-/// How the handshake ended.
+/// Result of a completed handshake.
 #[derive(Debug)]
 pub enum HandshakeOutcome {
     /// Transmission starts with this session.

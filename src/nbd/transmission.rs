@@ -61,7 +61,7 @@ struct Chunk {
     data: std::ops::Range<usize>,
 }
 
-/// What every request task of a connection needs to know about its session.
+/// Session settings shared by the request tasks of one connection.
 struct Context {
     export: Arc<Export>,
     structured_replies: bool,
@@ -349,7 +349,8 @@ fn engine_error_reply(context: &Context, request: &Request, error: &EngineError)
     error_reply(context, request, code, &error.to_string())
 }
 
-/// An error reply: an ERROR chunk with a message under structured replies, else simple.
+/// Builds an error reply: an ERROR chunk with a message under structured replies, else a
+/// simple reply.
 fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -> Reply {
     if !context.structured_replies {
         return Reply::Simple { cookie: request.cookie, error: code, data: Vec::new() };
