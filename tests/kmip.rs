@@ -480,3 +480,23 @@ fn unavailable_error_names_every_server() {
     let named: Vec<&str> = attempts.iter().map(|(server, _)| server.as_str()).collect();
     assert_eq!(named, servers.iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+#[test]
+fn outage_cache_unwraps_while_kms_down() {
+    let ws = Workspace::new();
+    let kms = Kms::start(&ws.path("kms"));
+    let cached = provider(&provider_table(&kms, &[kms.address()], "cache_entries = 4\ndeadline_ms = 1000"));
+    let uncached = provider(&provider_table(&kms, &[kms.address()], "deadline_ms = 1000"));
+    runtime().block_on(async {
+        let key_id = cached.create_key("cache").await.unwrap();
+        let key = VolumeKey::generate().unwrap();
+        let wrapped = cached.wrap_volume_key(&key_id, &key).await.unwrap();
+        cached.unwrap_volume_key(&key_id, &wrapped).await.unwrap();
+        kms.stop();
+
+        let back = cached.unwrap_volume_key(&key_id, &wrapped).await.unwrap();
+        assert_eq!(back.as_bytes(), key.as_bytes());
+        let error = uncached.unwrap_volume_key(&key_id, &wrapped).await.unwrap_err();
+        assert!(matches!(error, KeyError::Kmip(KmipError::Unavailable { .. })), "{error}");
+    });
+}

@@ -7,14 +7,8 @@
 # server.conf, policies/, the SQLite object store pykmip.db, server.log, stdout.log and
 # pykmip.pid (the server runs in its own session, so the PID is also its process group).
 #
-# Certificates:
-#   certs/ca.crt, server.{crt,key}   server certificate with SAN IP:127.0.0.1 and DNS:localhost
-#   certs/client.{crt,key}            client certificate with EKU clientAuth, CN nbdcrypt
-#   certs/client-noeku.{crt,key}      same chain without clientAuth: PyKMIP rejects its requests
-#   certs/other-ca.crt, other-client.{crt,key}  a second, unrelated CA and a client it issued
-#
-# ECDSA because PyKMIP offers no AES-GCM cipher suite for RSA certificates, and rustls offers
-# only AEAD suites. PyKMIP 0.10 speaks TLS 1.2 only.
+# The certificates come from make-certs.sh beside this script. PyKMIP 0.10 speaks TLS 1.2
+# only.
 #
 # Environment:
 #   KMIP_DB=PATH     object store (default DIR/pykmip.db); two servers given the same store
@@ -34,7 +28,6 @@ if ! "$PY" -c 'import kmip' 2>/dev/null; then
   echo "error: $PY cannot import kmip; install it with: apt-get install -y python3-pykmip" >&2
   exit 1
 fi
-command -v openssl >/dev/null || { echo "error: openssl is missing; apt-get install -y openssl" >&2; exit 1; }
 
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
@@ -51,42 +44,8 @@ if [[ -n ${KMIP_CERTS:-} ]]; then
   cp "$KMIP_CERTS"/* "$CERTS"/
 fi
 
-issue() { # NAME SUBJECT EXTENSIONS CA-BASENAME
-  local name=$1 subject=$2 extensions=$3 ca=$4
-  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -subj "$subject" \
-    -keyout "$CERTS/$name.key" -out "$CERTS/$name.csr" 2>/dev/null
-  printf '%s\n' "$extensions" >"$CERTS/$name.ext"
-  openssl x509 -req -in "$CERTS/$name.csr" -CA "$CERTS/$ca.crt" -CAkey "$CERTS/$ca.key" \
-    -CAcreateserial -days 30 -sha256 -extfile "$CERTS/$name.ext" -out "$CERTS/$name.crt" 2>/dev/null
-  rm -f "$CERTS/$name.csr" "$CERTS/$name.ext"
-}
-
-make_ca() { # NAME SUBJECT
-  openssl req -x509 -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -days 30 -sha256 \
-    -subj "$2" -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -keyout "$CERTS/$1.key" -out "$CERTS/$1.crt" 2>/dev/null
-}
-
 if [[ ! -f "$CERTS/client.crt" ]]; then
-  mkdir -p "$CERTS"
-  make_ca ca "/CN=nbdcrypt test KMIP CA"
-  make_ca other-ca "/CN=unrelated test CA"
-  # rustls checks only the SAN, never the CN, so the server certificate needs one.
-  issue server "/CN=localhost" "basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,DNS:localhost" ca
-  # PyKMIP takes the single subject CN as the object owner.
-  issue client "/CN=nbdcrypt" "basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=clientAuth" ca
-  issue client-noeku "/CN=nbdcrypt" "basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature" ca
-  issue other-client "/CN=nbdcrypt" "basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature
-extendedKeyUsage=clientAuth" other-ca
-  chmod 600 "$CERTS"/*.key
+  "$(dirname "${BASH_SOURCE[0]}")/make-certs.sh" "$CERTS"
 fi
 
 # PyKMIP rejects unknown keys. Without database_path every instance would share
