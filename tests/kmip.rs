@@ -500,3 +500,65 @@ fn outage_cache_unwraps_while_kms_down() {
         assert!(matches!(error, KeyError::Kmip(KmipError::Unavailable { .. })), "{error}");
     });
 }
+
+/// Runs create and serve with every log level on, then searches their logs for the KEK (read
+/// from PyKMIP's object store) and the wrapped key (read from the header) in raw, hex and
+/// base64 form.
+#[test]
+fn trace_logs_hold_no_key_material() {
+    use base64::Engine as _;
+
+    let ws = Workspace::new();
+    let kms = Kms::start(&ws.path("kms"));
+    let config = write_config(&ws, "kms.toml", &provider_table(&kms, &[kms.address()], "mode = \"get\""));
+    let volume = ws.path("logs.img");
+    let output = nbdcrypt(&config, &["--log", "trace", "create", volume.to_str().unwrap(), "--size", "16M"]);
+    assert!(output.status.success(), "create failed: {}", String::from_utf8_lossy(&output.stderr));
+    let key_id = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("key id:").map(|id| id.trim().to_string()))
+        .unwrap();
+    let server =
+        ws.serve(&["--log", "trace", "--config", config.to_str().unwrap(), volume.to_str().unwrap()]);
+    write_and_verify(&server.uri("logs"), 0x66);
+    let mut logs = server.log_text().into_bytes();
+    assert!(server.stop().success());
+    logs.extend_from_slice(&output.stderr);
+    logs.extend_from_slice(&output.stdout);
+
+    let query = format!(
+        "import sqlite3,sys; row=sqlite3.connect(sys.argv[1]).execute('select value from managed_objects where uid=?', ({key_id},)).fetchone(); sys.stdout.write(row[0].hex())"
+    );
+    let kek_hex =
+        run(Command::new("/usr/bin/python3").args(["-c", &query]).arg(kms.dir.join("pykmip.db"))).stdout;
+    let kek_hex = String::from_utf8(kek_hex).unwrap();
+    assert_eq!(kek_hex.len(), 64, "KEK from the object store: {kek_hex:?}");
+    let kek: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&kek_hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+
+    let header = fs::read(&volume).unwrap();
+    let marker = b"\"wrapped_key\":\"";
+    let at =
+        header.windows(marker.len()).position(|w| w == marker).expect("token in the header") + marker.len();
+    let end = at + header[at..].iter().position(|&b| b == b'"').unwrap();
+    let wrapped_base64 = String::from_utf8(header[at..end].to_vec()).unwrap();
+    let wrapped = base64::engine::general_purpose::STANDARD.decode(&wrapped_base64).unwrap();
+
+    let contains = |needle: &[u8]| logs.windows(needle.len()).any(|w| w == needle);
+    let forms = |bytes: &[u8]| {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        vec![
+            bytes.to_vec(),
+            hex.clone().into_bytes(),
+            hex.to_uppercase().into_bytes(),
+            base64::engine::general_purpose::STANDARD.encode(bytes).into_bytes(),
+            format!("{:?}", &bytes[..8]).into_bytes(),
+        ]
+    };
+    assert!(logs.len() > 1000, "trace logging produced almost nothing");
+    for form in forms(&kek) {
+        assert!(!contains(&form), "a log contains the KEK");
+    }
+    for form in forms(&wrapped) {
+        assert!(!contains(&form), "a log contains the wrapped key");
+    }
+}
