@@ -367,3 +367,56 @@ except nbd.Error:
     let output = run(debian_tool("nbdsh").args(["-u", &server.uri("term"), "-c", &check]));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
 }
+
+#[test]
+fn cryptsetup_accepts_the_volume_key_and_its_header_edits() {
+    require_tool("cryptsetup");
+    require_tool("nbdsh");
+    let ws = Workspace::new();
+    let volume = ws.create_volume("oracle.img", "20M", &[]);
+    let server = ws.serve(&[volume.to_str().unwrap()]);
+    run(debian_tool("nbdsh").args(["-u", &server.uri("oracle"), "-c", "h.pwrite(b'persist' * 1000, 12345)"]));
+    assert!(server.stop().success());
+
+    // Unwrap the volume key the way docs/format.md describes, with Python's cryptography.
+    let token = run(Command::new("cryptsetup").args(["token", "export", "--token-id", "0", volume.to_str().unwrap()]));
+    fs::write(ws.path("token.json"), &token.stdout).unwrap();
+    let recipe = r#"
+import base64, json, os, sys
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+token = json.load(open(sys.argv[1]))
+kek = open(os.path.join(sys.argv[2], token["key_id"]), "rb").read()
+key = aes_key_unwrap(kek, base64.b64decode(token["wrapped_key"]))
+fd = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, key)
+"#;
+    let key_file = ws.path("volume.key");
+    run(Command::new("/usr/bin/python3").args([
+        "-c",
+        recipe,
+        ws.path("token.json").to_str().unwrap(),
+        ws.keystore().to_str().unwrap(),
+        key_file.to_str().unwrap(),
+    ]));
+
+    // luksAddKey checks the key against the digest, so it succeeds only with the right key.
+    let passphrase = ws.path("passphrase");
+    fs::write(&passphrase, "correct horse").unwrap();
+    run(Command::new("cryptsetup").args([
+        "luksAddKey", "--batch-mode", "--volume-key-file", key_file.to_str().unwrap(), "--key-size", "512",
+        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", volume.to_str().unwrap(), passphrase.to_str().unwrap(),
+    ]));
+    run(Command::new("cryptsetup").args([
+        "open", "--test-passphrase", "--key-file", passphrase.to_str().unwrap(), volume.to_str().unwrap(),
+    ]));
+
+    // nbdcrypt still opens the header cryptsetup rewrote, keyslot and all, with the same data.
+    let info = run(Command::new(BIN).args(["info", "--json", volume.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["header_needs_repair"], false);
+    let server = ws.serve(&[volume.to_str().unwrap()]);
+    let output = run(debian_tool("nbdsh").args([
+        "-u", &server.uri("oracle"), "-c", "assert h.pread(7000, 12345) == b'persist' * 1000\nprint('OK')",
+    ]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+}
