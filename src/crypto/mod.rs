@@ -5,6 +5,7 @@
 //! counted in 512-byte units, as a 64-bit little-endian number padded with zeros to 16 bytes.
 //! A 4096-byte sector n therefore uses tweak 8·n.
 
+mod aws_lc;
 mod keys;
 mod locked;
 mod wrap;
@@ -13,7 +14,7 @@ mod xts;
 pub use keys::{Kek, VolumeKey, KEK_LEN, VOLUME_KEY_LEN};
 pub use locked::LockedBox;
 pub use wrap::{unwrap_volume_key, wrap_volume_key, WRAPPED_VOLUME_KEY_LEN};
-pub use xts::{SectorCipher, SectorSize};
+pub use xts::{SectorCipher, SectorSize, XtsImplementation};
 
 /// Errors from key handling and cipher setup.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
-//! AES-256-XTS (IEEE 1619) over whole sectors, batched: the tweaks of a run of blocks are
-//! computed first, then the AES rounds run over the whole run in one call, which lets the
-//! `aes` crate use its parallel AES-NI path instead of one block at a time.
+//! AES-256-XTS (IEEE 1619) over whole sectors, with two implementations chosen at run time:
+//! aws-lc's AVX-512 routine on CPUs that have VAES and AVX-512, and a portable batched one
+//! everywhere else. The portable path computes the tweaks of a run of blocks first, then
+//! runs the AES rounds over the whole run in one call, which lets the `aes` crate use its
+//! parallel AES-NI path instead of one block at a time.
 
 use aes::cipher::generic_array::GenericArray;
 use aes::cipher::inout::InOutBuf;
@@ -8,6 +10,7 @@ use aes::cipher::typenum::U16;
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Aes256Enc};
 
+use super::aws_lc::{self, AwsLcXts};
 use super::locked::LockedBox;
 use super::{CryptoError, VolumeKey};
 
@@ -59,11 +62,46 @@ impl SectorSize {
     }
 }
 
-/// Encrypts and decrypts whole sectors of one volume. The expanded keys live in locked,
-/// non-dumpable memory and are zeroized when the cipher drops.
+/// An AES-256-XTS implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XtsImplementation {
+    /// aws-lc's `EVP_aes_256_xts`, chosen when the CPU runs its AVX-512 routine.
+    AwsLc,
+    /// Batched XTS over the `aes` crate: AES-NI where present, constant-time software
+    /// elsewhere.
+    Portable,
+}
+
+impl XtsImplementation {
+    /// The fastest implementation for this CPU.
+    pub fn best_available() -> Self {
+        if aws_lc::has_avx512_xts() {
+            XtsImplementation::AwsLc
+        } else {
+            XtsImplementation::Portable
+        }
+    }
+
+    /// A short name for logs and benchmark output.
+    pub fn name(self) -> &'static str {
+        match self {
+            XtsImplementation::AwsLc => "aws-lc",
+            XtsImplementation::Portable => "portable",
+        }
+    }
+}
+
+/// Encrypts and decrypts whole sectors of one volume. The key material lives in locked,
+/// non-dumpable memory and is zeroized when the cipher drops (see the aws-lc module for
+/// the key schedules inside aws-lc's contexts).
 pub struct SectorCipher {
-    keys: LockedBox<XtsKeys>,
+    engine: Engine,
     sector_size: SectorSize,
+}
+
+enum Engine {
+    AwsLc(AwsLcXts),
+    Portable(LockedBox<XtsKeys>),
 }
 
 /// The two AES-256 key schedules of XTS: data (Key1) and tweak (Key2).
@@ -73,19 +111,43 @@ struct XtsKeys {
 }
 
 impl SectorCipher {
-    /// Prepares the AES key schedules for `key`. The volume key already rejects equal halves.
+    /// Prepares the cipher for `key` with the fastest implementation for this CPU. The
+    /// volume key already rejects equal halves.
     pub fn new(key: &VolumeKey, sector_size: SectorSize) -> Self {
-        let (data_key, tweak_key) = key.as_bytes().split_at(32);
-        let keys = XtsKeys {
-            data: Aes256::new(GenericArray::from_slice(data_key)),
-            tweak: Aes256Enc::new(GenericArray::from_slice(tweak_key)),
+        Self::with_implementation(key, sector_size, XtsImplementation::best_available())
+    }
+
+    /// Prepares the cipher for `key` with a chosen implementation. Both implementations run
+    /// on every x86-64 CPU; aws-lc is only faster with AVX-512.
+    pub fn with_implementation(
+        key: &VolumeKey,
+        sector_size: SectorSize,
+        implementation: XtsImplementation,
+    ) -> Self {
+        let engine = match implementation {
+            XtsImplementation::AwsLc => Engine::AwsLc(AwsLcXts::new(key.as_bytes())),
+            XtsImplementation::Portable => {
+                let (data_key, tweak_key) = key.as_bytes().split_at(32);
+                Engine::Portable(LockedBox::new(XtsKeys {
+                    data: Aes256::new(GenericArray::from_slice(data_key)),
+                    tweak: Aes256Enc::new(GenericArray::from_slice(tweak_key)),
+                }))
+            }
         };
-        SectorCipher { keys: LockedBox::new(keys), sector_size }
+        SectorCipher { engine, sector_size }
     }
 
     /// The sector size this cipher was built for.
     pub fn sector_size(&self) -> SectorSize {
         self.sector_size
+    }
+
+    /// The implementation this cipher runs.
+    pub fn implementation(&self) -> XtsImplementation {
+        match self.engine {
+            Engine::AwsLc(_) => XtsImplementation::AwsLc,
+            Engine::Portable(_) => XtsImplementation::Portable,
+        }
     }
 
     /// Encrypts `buf` in place; it holds whole sectors, the first being data sector
@@ -106,36 +168,46 @@ impl SectorCipher {
         let sector_len = self.sector_size.len();
         assert!(buf.len() % sector_len == 0, "buffer is not a whole number of sectors");
         let units_per_sector = self.sector_size.len_u64() / TWEAK_UNIT;
+        let first_tweak = first_sector.wrapping_mul(units_per_sector);
 
-        for (index, sector) in buf.chunks_exact_mut(sector_len).enumerate() {
-            let tweak_value = (first_sector + index as u64).wrapping_mul(units_per_sector);
-            self.apply_data_unit(tweak_value, sector, direction);
+        match &self.engine {
+            Engine::AwsLc(xts) => {
+                let encrypt = matches!(direction, Direction::Encrypt);
+                xts.apply(buf, sector_len, first_tweak, units_per_sector, encrypt);
+            }
+            Engine::Portable(keys) => {
+                let mut tweak_value = first_tweak;
+                for sector in buf.chunks_exact_mut(sector_len) {
+                    apply_data_unit(keys, tweak_value, sector, direction);
+                    tweak_value = tweak_value.wrapping_add(units_per_sector);
+                }
+            }
         }
     }
+}
 
-    /// Processes one XTS data unit (one sector) with the 64-bit plain64 tweak `tweak_value`.
-    fn apply_data_unit(&self, tweak_value: u64, unit: &mut [u8], direction: Direction) {
-        let mut tweak_block = GenericArray::<u8, U16>::default();
-        tweak_block[..8].copy_from_slice(&tweak_value.to_le_bytes());
-        self.keys.tweak.encrypt_block(&mut tweak_block);
-        let mut tweak = u128::from_le_bytes(tweak_block.into());
+/// Processes one XTS data unit (one sector) with the 64-bit plain64 tweak `tweak_value`.
+fn apply_data_unit(keys: &XtsKeys, tweak_value: u64, unit: &mut [u8], direction: Direction) {
+    let mut tweak_block = GenericArray::<u8, U16>::default();
+    tweak_block[..8].copy_from_slice(&tweak_value.to_le_bytes());
+    keys.tweak.encrypt_block(&mut tweak_block);
+    let mut tweak = u128::from_le_bytes(tweak_block.into());
 
-        let mut tweaks = [0u128; BATCH_BLOCKS];
-        for batch in unit.chunks_mut(BATCH_BLOCKS * BLOCK_LEN) {
-            let blocks = batch.len() / BLOCK_LEN;
-            for slot in tweaks.iter_mut().take(blocks) {
-                *slot = tweak;
-                tweak = multiply_by_alpha(tweak);
-            }
-
-            xor_tweaks(batch, &tweaks[..blocks]);
-            let (block_buf, _tail) = InOutBuf::from(&mut *batch).into_chunks::<U16>();
-            match direction {
-                Direction::Encrypt => self.keys.data.encrypt_blocks_inout(block_buf),
-                Direction::Decrypt => self.keys.data.decrypt_blocks_inout(block_buf),
-            }
-            xor_tweaks(batch, &tweaks[..blocks]);
+    let mut tweaks = [0u128; BATCH_BLOCKS];
+    for batch in unit.chunks_mut(BATCH_BLOCKS * BLOCK_LEN) {
+        let blocks = batch.len() / BLOCK_LEN;
+        for slot in tweaks.iter_mut().take(blocks) {
+            *slot = tweak;
+            tweak = multiply_by_alpha(tweak);
         }
+
+        xor_tweaks(batch, &tweaks[..blocks]);
+        let (block_buf, _tail) = InOutBuf::from(&mut *batch).into_chunks::<U16>();
+        match direction {
+            Direction::Encrypt => keys.data.encrypt_blocks_inout(block_buf),
+            Direction::Decrypt => keys.data.decrypt_blocks_inout(block_buf),
+        }
+        xor_tweaks(batch, &tweaks[..blocks]);
     }
 }
 
@@ -170,15 +242,20 @@ mod tests {
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
-    /// Runs one data unit with an explicit tweak, bypassing the sector numbering.
-    fn encrypt_unit(key: &[u8], tweak_value: u64, data: &mut [u8]) {
+    const IMPLEMENTATIONS: [XtsImplementation; 2] = [XtsImplementation::AwsLc, XtsImplementation::Portable];
+
+    /// Runs one 512-byte data unit whose tweak is `tweak_value`: with 512-byte sectors the
+    /// tweak of sector n is n.
+    fn encrypt_unit(implementation: XtsImplementation, key: &[u8], tweak_value: u64, data: &mut [u8]) {
         let key = VolumeKey::from_bytes(key).unwrap();
-        SectorCipher::new(&key, SectorSize::S512).apply_data_unit(tweak_value, data, Direction::Encrypt);
+        SectorCipher::with_implementation(&key, SectorSize::S512, implementation)
+            .encrypt_sectors(tweak_value, data);
     }
 
-    fn decrypt_unit(key: &[u8], tweak_value: u64, data: &mut [u8]) {
+    fn decrypt_unit(implementation: XtsImplementation, key: &[u8], tweak_value: u64, data: &mut [u8]) {
         let key = VolumeKey::from_bytes(key).unwrap();
-        SectorCipher::new(&key, SectorSize::S512).apply_data_unit(tweak_value, data, Direction::Decrypt);
+        SectorCipher::with_implementation(&key, SectorSize::S512, implementation)
+            .decrypt_sectors(tweak_value, data);
     }
 
     /// IEEE 1619-2007 annex B, vector 10: XTS-AES-256, data unit sequence number 0xff,
@@ -209,23 +286,41 @@ mod tests {
             "773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151"
         ));
 
-        let mut buf = plaintext.clone();
-        encrypt_unit(&key, 0xff, &mut buf);
-        assert_eq!(buf, expected);
+        for implementation in IMPLEMENTATIONS {
+            let mut buf = plaintext.clone();
+            encrypt_unit(implementation, &key, 0xff, &mut buf);
+            assert_eq!(buf, expected, "{} encryption", implementation.name());
 
-        decrypt_unit(&key, 0xff, &mut buf);
-        assert_eq!(buf, plaintext);
+            decrypt_unit(implementation, &key, 0xff, &mut buf);
+            assert_eq!(buf, plaintext, "{} decryption", implementation.name());
+        }
     }
 
     #[test]
     fn sector_4096_uses_tweak_in_512_byte_units() {
         let key = VolumeKey::generate().unwrap();
-        let mut sector = vec![0x5a_u8; 4096];
-        SectorCipher::new(&key, SectorSize::S4096).encrypt_sectors(3, &mut sector);
+        let (data_key, tweak_key) = key.as_bytes().split_at(32);
+        let keys = XtsKeys {
+            data: Aes256::new(GenericArray::from_slice(data_key)),
+            tweak: Aes256Enc::new(GenericArray::from_slice(tweak_key)),
+        };
+        let mut expected = vec![0x5a_u8; 2 * 4096];
+        apply_data_unit(&keys, 24, &mut expected[..4096], Direction::Encrypt);
+        apply_data_unit(&keys, 32, &mut expected[4096..], Direction::Encrypt);
 
-        let mut expected = vec![0x5a_u8; 4096];
-        SectorCipher::new(&key, SectorSize::S4096).apply_data_unit(24, &mut expected, Direction::Encrypt);
-        assert_eq!(sector, expected);
+        for implementation in IMPLEMENTATIONS {
+            let mut sectors = vec![0x5a_u8; 2 * 4096];
+            SectorCipher::with_implementation(&key, SectorSize::S4096, implementation)
+                .encrypt_sectors(3, &mut sectors);
+            assert_eq!(sectors, expected, "{}", implementation.name());
+        }
+    }
+
+    #[test]
+    fn best_available_is_aws_lc_with_avx512() {
+        let expected =
+            if aws_lc::has_avx512_xts() { XtsImplementation::AwsLc } else { XtsImplementation::Portable };
+        assert_eq!(XtsImplementation::best_available(), expected);
     }
 
     #[test]
@@ -259,17 +354,19 @@ mod tests {
             let len = sectors * sector_size.len();
             let plaintext: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
 
-            let volume_key = VolumeKey::from_bytes(&key).unwrap();
-            let cipher = SectorCipher::new(&volume_key, sector_size);
-            let mut ours = plaintext.clone();
-            cipher.encrypt_sectors(u64::from(first_sector), &mut ours);
-
             let mut reference = plaintext.clone();
             reference_encrypt(&key, sector_size.len(), u64::from(first_sector), &mut reference);
-            prop_assert_eq!(&ours, &reference);
 
-            cipher.decrypt_sectors(u64::from(first_sector), &mut ours);
-            prop_assert_eq!(ours, plaintext);
+            let volume_key = VolumeKey::from_bytes(&key).unwrap();
+            for implementation in IMPLEMENTATIONS {
+                let cipher = SectorCipher::with_implementation(&volume_key, sector_size, implementation);
+                let mut ours = plaintext.clone();
+                cipher.encrypt_sectors(u64::from(first_sector), &mut ours);
+                prop_assert_eq!(&ours, &reference, "{} encryption", implementation.name());
+
+                cipher.decrypt_sectors(u64::from(first_sector), &mut ours);
+                prop_assert_eq!(&ours, &plaintext, "{} decryption", implementation.name());
+            }
         }
     }
 }
