@@ -1,5 +1,11 @@
 //! A regular file or block device accessed with positional reads and writes
 //! (pread/pwrite), called from tokio's blocking thread pool.
+//!
+//! The data area can bypass the page cache ([`CacheMode::None`]): reads and writes then go
+//! through a second descriptor opened with O_DIRECT, while header I/O, hole punching and
+//! SEEK_DATA keep using the buffered one. O_DIRECT needs aligned buffers, offsets and
+//! lengths; the engine sends whole sectors at sector offsets, and a misaligned buffer is
+//! copied through an aligned one.
 
 #![allow(unsafe_code)]
 
@@ -9,7 +15,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-use super::{fast_zero_unsupported, write_zeroes_by_writing, Backend, Extent, ZeroMode};
+use super::buffer::{IoBuffer, BUFFER_ALIGN};
+use super::{fast_zero_unsupported, write_zeroes_by_writing, Backend, CacheMode, Extent, ZeroMode};
 
 // Linux ioctl numbers from <linux/fs.h>: _IO(0x12, 119), _IO(0x12, 127), _IOR(0x12, 114, size_t).
 const BLKDISCARD: libc::c_ulong = 0x1277;
@@ -20,6 +27,9 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
+    /// The descriptor for data reads and writes: `file` itself, or an O_DIRECT reopen.
+    data: File,
+    cache: CacheMode,
     len: u64,
     is_block_device: bool,
 }
@@ -58,7 +68,46 @@ impl FileBackend {
     pub fn from_file(file: File) -> io::Result<Self> {
         let is_block_device = file.metadata()?.file_type().is_block_device();
         let len = if is_block_device { block_device_len(&file)? } else { file.metadata()?.len() };
-        Ok(FileBackend { file, len, is_block_device })
+        let data = file.try_clone()?;
+        Ok(FileBackend { file, data, cache: CacheMode::Writeback, len, is_block_device })
+    }
+
+    /// Sends data reads and writes past the page cache (O_DIRECT) or back through it. The
+    /// switch to O_DIRECT reads `probe_len` bytes at offset 0 first and fails, changing
+    /// nothing, when the store rejects direct I/O of that size (a file system without
+    /// O_DIRECT, or a logical block size larger than `probe_len`).
+    pub fn set_cache_mode(&mut self, cache: CacheMode, probe_len: usize) -> io::Result<()> {
+        if cache == self.cache {
+            return Ok(());
+        }
+        let data = match cache {
+            CacheMode::Writeback => self.file.try_clone()?,
+            CacheMode::None => {
+                // Reopening through /proc names the same inode even if the path was replaced.
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let data = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+                    .open(path)?;
+                let mut probe = IoBuffer::zeroed(probe_len);
+                data.read_exact_at(&mut probe, 0)?;
+                data
+            }
+        };
+        self.data = data;
+        self.cache = cache;
+        Ok(())
+    }
+
+    /// Whether data I/O bypasses the page cache.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache
+    }
+
+    /// The descriptor for data reads and writes (O_DIRECT with [`CacheMode::None`]).
+    pub fn data_file(&self) -> &File {
+        &self.data
     }
 
     /// The open file, for header reads and writes.
@@ -116,15 +165,60 @@ impl Backend for FileBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        if self.needs_bounce(buf) {
+            let mut bounce = IoBuffer::from_slice(buf);
+            self.data.read_exact_at(&mut bounce, offset)?;
+            buf.copy_from_slice(&bounce);
+            return Ok(());
+        }
+        self.data.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        if self.needs_bounce(buf) {
+            return self.data.write_all_at(&IoBuffer::from_slice(buf), offset);
+        }
+        self.data.write_all_at(buf, offset)
+    }
+
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.needs_bounce(buf) {
+            return self.write_at_durable(&IoBuffer::from_slice(buf), offset);
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let iov = libc::iovec {
+                iov_base: buf[done..].as_ptr() as *mut libc::c_void,
+                iov_len: buf.len() - done,
+            };
+            let position =
+                libc::off_t::try_from(offset + done as u64).map_err(|_| invalid("offset too large"))?;
+            // SAFETY: `iov` describes `buf[done..]`, which stays borrowed for the call; the
+            // descriptor is open. RWF_DSYNC makes this one write durable, like O_DSYNC.
+            let written =
+                unsafe { libc::pwritev2(self.data.as_raw_fd(), &iov, 1, position, libc::RWF_DSYNC) };
+            match written {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // Kernels or file systems without RWF_DSYNC: write, then fdatasync.
+                    if error.raw_os_error() == Some(libc::EOPNOTSUPP) && done == 0 {
+                        self.write_at(buf, offset)?;
+                        return self.flush();
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.data.sync_data()
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<()> {
@@ -197,6 +291,13 @@ impl Backend for FileBackend {
             Err(e) if is_unsupported(&e) => Ok(()),
             other => other,
         }
+    }
+}
+
+impl FileBackend {
+    /// Whether `buf` must be copied through an aligned buffer for O_DIRECT.
+    fn needs_bounce(&self, buf: &[u8]) -> bool {
+        self.cache == CacheMode::None && buf.as_ptr() as usize % BUFFER_ALIGN != 0
     }
 }
 

@@ -1,14 +1,53 @@
 //! Backing stores: where the ciphertext lives. A backend is a small synchronous trait; the
 //! engine calls it from tokio's blocking thread pool, so one blocking call never stalls the
-//! network tasks.
+//! network tasks. A store with an io_uring path ([`UringBackend`]) also offers awaitable
+//! reads, writes and flushes, which the engine prefers.
 
+mod buffer;
 mod file;
 mod memory;
+pub mod uring;
 
 use std::io;
+use std::str::FromStr;
 
+pub use buffer::{BufferPool, IoBuffer, BUFFER_ALIGN};
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub use uring::UringBackend;
+
+/// Whether data reads and writes go through the kernel's page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// O_DIRECT: no page cache; a write is on the device (or its volatile cache) when it
+    /// completes.
+    #[default]
+    None,
+    /// Buffered: writes land in the page cache and reach the device on FLUSH or writeback.
+    Writeback,
+}
+
+impl FromStr for CacheMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "none" => Ok(CacheMode::None),
+            "writeback" => Ok(CacheMode::Writeback),
+            other => Err(format!("cache mode {other:?} is invalid: expected none or writeback")),
+        }
+    }
+}
+
+impl CacheMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Writeback => "writeback",
+        }
+    }
+}
 
 /// A byte-addressed backing store.
 pub trait Backend: Send + Sync + 'static {
@@ -21,6 +60,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Writes all of `buf` at `offset`. On return the store has the data (a later read sees
     /// it) but it may not be durable until [`Backend::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset` and makes those bytes durable before returning (NBD's
+    /// FUA). The default writes, then flushes everything.
+    fn write_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
 
     /// Makes every completed write durable (fdatasync for files and block devices).
     fn flush(&self) -> io::Result<()>;
@@ -42,6 +88,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Tells the store the range is unused. Afterwards its content is unspecified: zeros
     /// (a file hole) or, on some block devices, the old bytes.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// The pool request buffers should come from, when the store has one of its own (the
+    /// io_uring backend registers its pool's memory with its ring).
+    fn buffer_pool(&self) -> Option<BufferPool> {
+        None
+    }
+
+    /// The io_uring path of this store, when it has one: the engine then awaits reads,
+    /// writes and flushes instead of blocking a pool thread on them.
+    fn uring(&self) -> Option<&UringBackend> {
+        None
+    }
 }
 
 /// How [`Backend::write_zeroes`] may zero a range.
@@ -74,7 +132,8 @@ pub(crate) fn write_zeroes_by_writing<B: Backend + ?Sized>(
     offset: u64,
     len: u64,
 ) -> io::Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
+    // Aligned, so an O_DIRECT store takes it without a copy.
+    let zeros = IoBuffer::zeroed(ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK)));
     let mut done = 0u64;
     while done < len {
         let step = (len - done).min(zeros.len() as u64) as usize;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::backend::CacheMode;
 use crate::keys::{KeyProvider, KmipConfig, KmipProvider, LocalKeystore};
 use crate::volume::is_valid_provider_name;
 
@@ -47,6 +48,8 @@ pub struct ExportConfig {
     pub discard: bool,
     #[serde(default)]
     pub read_only: bool,
+    /// Page cache use for the data area: "none" (O_DIRECT) or "writeback".
+    pub cache: Option<CacheMode>,
 }
 
 /// The `[server]` table.
@@ -71,6 +74,31 @@ pub struct ServerConfig {
     pub max_in_flight_bytes: Option<u32>,
     /// Largest READ or WRITE payload advertised, in bytes (at most 32 MiB).
     pub max_payload: Option<u32>,
+    /// I/O backend of every export: "uring" or "threads"; by default io_uring when the
+    /// kernel allows it.
+    pub backend: Option<BackendKind>,
+}
+
+/// The I/O path of the exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// io_uring, one ring thread per export.
+    Uring,
+    /// pread/pwrite on tokio's blocking thread pool.
+    Threads,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "uring" => Ok(BackendKind::Uring),
+            "threads" => Ok(BackendKind::Threads),
+            other => Err(format!("backend {other:?} is invalid: expected uring or threads")),
+        }
+    }
 }
 
 impl Config {
@@ -211,10 +239,15 @@ mod tests {
             path = "/srv/a.img"
             name = "a"
             discard = true
+            cache = "writeback"
+            [server]
+            backend = "threads"
         "#;
         let config: Config = toml::from_str(text).unwrap();
         assert_eq!(config.exports.len(), 1);
         assert!(config.exports[0].discard);
+        assert_eq!(config.exports[0].cache, Some(CacheMode::Writeback));
+        assert_eq!(config.server.backend, Some(BackendKind::Threads));
         let providers = Providers::from_config(&config, None).unwrap();
         assert_eq!(providers.get(None).unwrap().name(), "vault");
         assert!(providers.get(Some("missing")).is_err());

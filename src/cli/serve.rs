@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::config::{Config, ExportConfig, Providers};
+use super::config::{BackendKind, Config, ExportConfig, Providers};
 use super::Cli;
-use crate::backend::{Backend, FileBackend};
+use crate::backend::{uring, Backend, CacheMode, FileBackend, UringBackend};
 use crate::crypto::SectorCipher;
 use crate::daemon::{self, ListenAddr, Listener, ServerLimits};
 use crate::engine::{Export, ExportOptions};
@@ -44,16 +44,30 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM or SIGINT.
     #[arg(long, value_name = "SECONDS")]
     pub shutdown_timeout: Option<u64>,
+    /// Page cache use for the data area of every export: none (O_DIRECT) or writeback
+    /// [default: the export's `cache` setting, else none].
+    #[arg(long, value_name = "MODE")]
+    pub cache: Option<CacheMode>,
+    /// I/O backend: uring or threads [default: uring when the kernel allows io_uring, else
+    /// threads].
+    #[arg(long, value_name = "BACKEND")]
+    pub backend: Option<BackendKind>,
 }
+
+/// Cache mode of an export that sets none: O_DIRECT keeps one copy of the data (the page
+/// cache would hold ciphertext that is never read back as such) and measured fastest on
+/// the random workloads in docs/benchmarks.md.
+const DEFAULT_CACHE: CacheMode = CacheMode::None;
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     let providers = Providers::from_config(&config, cli.keystore.as_deref())?;
 
     let export_configs = export_configs(&config, args)?;
+    let backend = choose_backend(args.backend.or(config.server.backend))?;
     let mut exports = Vec::with_capacity(export_configs.len());
     for export_config in &export_configs {
-        let export = open_export(export_config, &providers)
+        let export = open_export(export_config, &providers, backend)
             .await
             .with_context(|| format!("cannot serve {}", export_config.path.display()))?;
         exports.push(Arc::new(export));
@@ -144,6 +158,7 @@ fn export_configs(config: &Config, args: &ServeArgs) -> Result<Vec<ExportConfig>
             .map(|e| ExportConfig {
                 discard: e.discard || args.discard,
                 read_only: e.read_only || args.read_only,
+                cache: args.cache.or(e.cache),
                 ..e.clone()
             })
             .collect());
@@ -159,12 +174,36 @@ fn export_configs(config: &Config, args: &ServeArgs) -> Result<Vec<ExportConfig>
             name: args.name.clone(),
             discard: args.discard,
             read_only: args.read_only,
+            cache: args.cache,
         })
         .collect())
 }
 
+/// Settles the backend of every export: the one asked for, or io_uring when the probe
+/// passes. Asking for io_uring where it is unavailable is an error.
+fn choose_backend(requested: Option<BackendKind>) -> Result<BackendKind> {
+    match requested {
+        Some(BackendKind::Threads) => Ok(BackendKind::Threads),
+        Some(BackendKind::Uring) => {
+            uring::probe().context("the io_uring backend was requested, but io_uring is unavailable")?;
+            Ok(BackendKind::Uring)
+        }
+        None => match uring::probe() {
+            Ok(()) => Ok(BackendKind::Uring),
+            Err(error) => {
+                warn!(%error, "io_uring is unavailable; using the thread-pool backend");
+                Ok(BackendKind::Threads)
+            }
+        },
+    }
+}
+
 /// Opens, locks and unlocks one volume.
-async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Export> {
+async fn open_export(
+    config: &ExportConfig,
+    providers: &Providers,
+    backend_kind: BackendKind,
+) -> Result<Export> {
     let name = match &config.name {
         Some(name) => name.clone(),
         None => default_export_name(&config.path)?,
@@ -173,9 +212,9 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
         bail!("export name is longer than 4096 bytes or contains NUL");
     }
 
-    let backend = FileBackend::open_exclusive(&config.path)
+    let mut file = FileBackend::open_exclusive(&config.path)
         .with_context(|| format!("opening {} failed", config.path.display()))?;
-    let header = VolumeHeader::read(backend.file())?;
+    let header = VolumeHeader::read(file.file())?;
     let token = header.kms_token()?;
     let provider = providers.get(Some(&token.key_provider))?;
 
@@ -188,10 +227,23 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
         tracing::warn!(path = %config.path.display(), "one LUKS2 header copy is damaged or stale");
     }
 
-    let (data_offset, size) = header.data_area(backend.len_bytes())?;
+    let (data_offset, size) = header.data_area(file.len_bytes())?;
     let sector_size = header.metadata.segment.sector_size;
     let cipher = SectorCipher::new(&volume_key, sector_size);
     drop(volume_key);
+
+    let cache = config.cache.unwrap_or(DEFAULT_CACHE);
+    if let Err(error) = file.set_cache_mode(cache, sector_size.len()) {
+        warn!(path = %config.path.display(), %error, "O_DIRECT is unavailable; using cache mode writeback");
+    }
+    let cache = file.cache_mode();
+    let backend: Arc<dyn Backend> = match backend_kind {
+        BackendKind::Threads => Arc::new(file),
+        BackendKind::Uring => Arc::new(
+            UringBackend::with_defaults(file)
+                .with_context(|| format!("setting up io_uring for {} failed", config.path.display()))?,
+        ),
+    };
 
     info!(
         export = %name,
@@ -202,6 +254,9 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
         key_provider = %token.key_provider,
         discard = config.discard,
         read_only = config.read_only,
+        backend = ?backend_kind,
+        cache = cache.name(),
+        xts = cipher.implementation().name(),
         "volume unlocked"
     );
     let options = ExportOptions {
@@ -210,7 +265,7 @@ async fn open_export(config: &ExportConfig, providers: &Providers) -> Result<Exp
         discard: config.discard,
         read_only: config.read_only,
     };
-    Ok(Export::new(options, Arc::new(backend), cipher, data_offset, size))
+    Ok(Export::new(options, backend, cipher, data_offset, size))
 }
 
 fn default_export_name(path: &Path) -> Result<String> {

@@ -1,5 +1,12 @@
 //! One request's life on an export: bounds check, sector locks, read-modify-write of
-//! partial sectors, encryption, and the backend call on tokio's blocking thread pool.
+//! partial sectors, encryption, and the backend call: awaited on the backend's io_uring when
+//! it has one, else on tokio's blocking thread pool.
+//!
+//! Buffers come from the export's [`BufferPool`]: a write's payload is encrypted in place
+//! and written from the buffer it was received into, and a read is decrypted in place in
+//! the buffer the reply is sent from. Encryption of up to [`INLINE_CRYPTO_MAX`] bytes runs
+//! on the runtime thread (under 100 µs with the AVX-512 cipher); larger requests move it to
+//! the blocking pool.
 //!
 //! Plaintext zeros rule: a sector whose ciphertext is all zero bytes reads as plaintext
 //! zeros. A new sparse volume reads as zeros without being written, and WRITE_ZEROES and
@@ -13,12 +20,15 @@ mod locks;
 use std::io;
 use std::sync::Arc;
 
-use crate::backend::{Backend, ZeroMode};
+use crate::backend::{Backend, BufferPool, IoBuffer, ZeroMode};
 use crate::crypto::{SectorCipher, SectorSize};
 pub use locks::{LockMode, RangeGuard, RangeLocks};
 
 /// Largest READ or WRITE payload accepted: 32 MiB, what nbd-client and qemu may send.
 pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Largest request encrypted or decrypted on the runtime thread that received it.
+pub const INLINE_CRYPTO_MAX: usize = 1024 * 1024;
 
 /// Errors of one request; [`crate::nbd::error_code`] maps each to an NBD error value.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +59,23 @@ pub const BLOCK_STATUS_SCAN_BUDGET: u64 = 8 * 1024 * 1024;
 /// The result of a read: the plaintext, and where it came from zero ciphertext.
 #[derive(Debug, Default)]
 pub struct ReadOutput {
-    pub data: Vec<u8>,
+    /// Whole decrypted sectors; `None` for an empty read.
+    buffer: Option<IoBuffer>,
+    /// The requested bytes within `buffer`.
+    range: std::ops::Range<usize>,
     /// Byte ranges, relative to the read's offset, of sectors whose ciphertext was all
     /// zeros, so their plaintext is zeros by the plaintext zeros rule. Sorted, disjoint.
     pub zero_runs: Vec<std::ops::Range<usize>>,
+}
+
+impl ReadOutput {
+    /// The plaintext of the requested range.
+    pub fn data(&self) -> &[u8] {
+        match &self.buffer {
+            Some(buffer) => &buffer[self.range.clone()],
+            None => &[],
+        }
+    }
 }
 
 /// One extent of a block status reply.
@@ -81,6 +104,7 @@ pub struct Export {
     /// Export size in bytes: the data area floored to whole sectors.
     size: u64,
     locks: RangeLocks,
+    pool: BufferPool,
     /// Connections in the transmission phase on this export.
     attached: std::sync::atomic::AtomicUsize,
 }
@@ -146,8 +170,10 @@ impl Export {
         size: u64,
     ) -> Self {
         debug_assert_eq!(size % cipher.sector_size().len_u64(), 0);
+        let pool = backend.buffer_pool().unwrap_or_default();
         Export {
             options,
+            pool,
             backend,
             cipher,
             data_offset,
@@ -189,6 +215,20 @@ impl Export {
         self.cipher.sector_size()
     }
 
+    /// The pool that request payloads and replies take their buffers from.
+    pub fn buffer_pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    /// Short name of the backend path: "uring" or "threads".
+    pub fn backend_kind(&self) -> &'static str {
+        if self.backend.uring().is_some() {
+            "uring"
+        } else {
+            "threads"
+        }
+    }
+
     pub fn is_discard_enabled(&self) -> bool {
         self.options.discard
     }
@@ -219,7 +259,7 @@ impl Export {
 
     /// Reads and decrypts `len` bytes at `offset`.
     pub async fn read(self: &Arc<Self>, offset: u64, len: u32) -> Result<Vec<u8>, EngineError> {
-        Ok(self.read_detailed(offset, len).await?.data)
+        Ok(self.read_detailed(offset, len).await?.data().to_vec())
     }
 
     /// Reads and decrypts `len` bytes at `offset`, also reporting which parts came from zero
@@ -232,27 +272,36 @@ impl Export {
         let span = self.span(offset, u64::from(len));
         let guard = self.locks.lock(span.first, span.first + span.count, LockMode::Shared).await;
 
-        self.run_blocking(move |export| {
-            let _guard = guard;
-            let mut data = vec![0u8; span.len_bytes()];
-            let zero_sectors = export.read_sectors(span.first, &mut data)?;
-            if span.head != 0 || data.len() != len as usize {
-                data.drain(..span.head);
-                data.truncate(len as usize);
+        let buffer = self.pool.take(span.len_bytes());
+        let position = self.data_offset + span.first * span.sector_len as u64;
+        let (buffer, zero_sectors) = match self.backend.uring() {
+            Some(uring) => {
+                let (buffer, result) = uring.read(buffer, position).await;
+                result?;
+                self.crypt(buffer, move |export, buffer| export.decrypt_sectors(span.first, buffer)).await?
             }
+            None => {
+                self.run_blocking(move |export| {
+                    let mut buffer = buffer;
+                    export.backend.read_at(&mut buffer, position)?;
+                    let zero_sectors = export.decrypt_sectors(span.first, &mut buffer);
+                    Ok((buffer, zero_sectors))
+                })
+                .await?
+            }
+        };
+        drop(guard);
 
-            let mut zero_runs: Vec<std::ops::Range<usize>> = Vec::new();
-            for index in zero_sectors {
-                let start = (index * span.sector_len).saturating_sub(span.head);
-                let end = ((index + 1) * span.sector_len - span.head).min(len as usize);
-                match zero_runs.last_mut() {
-                    Some(last) if last.end == start => last.end = end,
-                    _ => zero_runs.push(start..end),
-                }
+        let mut zero_runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for index in zero_sectors {
+            let start = (index * span.sector_len).saturating_sub(span.head);
+            let end = ((index + 1) * span.sector_len - span.head).min(len as usize);
+            match zero_runs.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => zero_runs.push(start..end),
             }
-            Ok(ReadOutput { data, zero_runs })
-        })
-        .await
+        }
+        Ok(ReadOutput { buffer: Some(buffer), range: span.head..span.head + len as usize, zero_runs })
     }
 
     /// Reports the allocation status of `offset..offset+len` as consecutive extents: HOLE
@@ -299,8 +348,15 @@ impl Export {
         self.check_range(offset, u64::from(len))
     }
 
-    /// Encrypts and writes `data` at `offset`; with `fua` the data is durable on return.
-    pub async fn write(self: &Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), EngineError> {
+    /// Encrypts and writes `data` at `offset`; with `fua` the data is durable on return. A
+    /// write of whole sectors is encrypted in place in `data`'s buffer.
+    pub async fn write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: impl Into<IoBuffer>,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        let data: IoBuffer = data.into();
         if self.is_read_only() {
             return Err(EngineError::ReadOnly);
         }
@@ -311,15 +367,43 @@ impl Export {
         let span = self.span(offset, data.len() as u64);
         let guard = self.locks.lock(span.first, span.first + span.count, LockMode::Exclusive).await;
 
-        self.run_blocking(move |export| {
-            let _guard = guard;
-            export.write_span(span, data)?;
-            if fua {
-                export.backend.flush()?;
+        // Partial sectors need a read-modify-write, done on the blocking pool.
+        let is_whole_sectors = span.head == 0 && data.len() == span.len_bytes();
+        if !is_whole_sectors {
+            return self
+                .run_blocking(move |export| {
+                    let _guard = guard;
+                    export.write_span(span, &data)?;
+                    if fua {
+                        export.backend.flush()?;
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+
+        let position = self.data_offset + span.first * span.sector_len as u64;
+        let (buffer, ()) =
+            self.crypt(data, move |export, buffer| export.cipher.encrypt_sectors(span.first, buffer)).await?;
+        match self.backend.uring() {
+            Some(uring) => {
+                let (_buffer, result) = uring.write(buffer, position, fua).await;
+                drop(guard);
+                Ok(result?)
             }
-            Ok(())
-        })
-        .await
+            None => {
+                self.run_blocking(move |export| {
+                    let _guard = guard;
+                    if fua {
+                        export.backend.write_at_durable(&buffer, position)?;
+                    } else {
+                        export.backend.write_at(&buffer, position)?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+        }
     }
 
     /// Makes `len` bytes at `offset` read as zeros. Whole sectors become zeroed ciphertext
@@ -383,7 +467,10 @@ impl Export {
 
     /// Makes every completed write durable.
     pub async fn flush(self: &Arc<Self>) -> Result<(), EngineError> {
-        self.run_blocking(|export| Ok(export.backend.flush()?)).await
+        match self.backend.uring() {
+            Some(uring) => Ok(uring.flush().await?),
+            None => self.run_blocking(|export| Ok(export.backend.flush()?)).await,
+        }
     }
 
     /// Writes encrypted zeros over the whole data area, reporting progress in bytes. Used by
@@ -394,7 +481,8 @@ impl Export {
         let mut offset = 0u64;
         while offset < self.size {
             let len = CHUNK.min(self.size - offset);
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = self.pool.take(len as usize);
+            buf.fill(0);
             self.cipher.encrypt_sectors(offset / sector, &mut buf);
             self.backend.write_at(&buf, self.data_offset + offset)?;
             offset += len;
@@ -402,6 +490,28 @@ impl Export {
         }
         self.backend.flush()?;
         Ok(())
+    }
+
+    /// Runs the CPU-bound `work` on `buffer`: inline when the buffer is at most
+    /// [`INLINE_CRYPTO_MAX`] bytes, else on the blocking pool.
+    async fn crypt<T, F>(
+        self: &Arc<Self>,
+        mut buffer: IoBuffer,
+        work: F,
+    ) -> Result<(IoBuffer, T), EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Export, &mut IoBuffer) -> T + Send + 'static,
+    {
+        if buffer.len() <= INLINE_CRYPTO_MAX {
+            let output = work(self, &mut buffer);
+            return Ok((buffer, output));
+        }
+        self.run_blocking(move |export| {
+            let output = work(export, &mut buffer);
+            Ok((buffer, output))
+        })
+        .await
     }
 
     async fn run_blocking<T, F>(self: &Arc<Self>, work: F) -> Result<T, EngineError>
@@ -421,15 +531,31 @@ impl Export {
     fn read_sectors(&self, first: u64, buf: &mut [u8]) -> Result<Vec<usize>, EngineError> {
         let sector_len = self.sector_size().len();
         self.backend.read_at(buf, self.data_offset + first * sector_len as u64)?;
+        Ok(self.decrypt_sectors(first, buf))
+    }
+
+    /// Decrypts the ciphertext sectors of `buf` in place, starting at data sector `first`.
+    /// Sectors of zero ciphertext stay zeros (the plaintext zeros rule); their indexes
+    /// within `buf` are returned. Runs of non-zero sectors are decrypted in one call.
+    fn decrypt_sectors(&self, first: u64, buf: &mut [u8]) -> Vec<usize> {
+        let sector_len = self.sector_size().len();
         let mut zero_sectors = Vec::new();
-        for (index, sector) in buf.chunks_exact_mut(sector_len).enumerate() {
-            if is_all_zero(sector) {
-                zero_sectors.push(index);
-            } else {
-                self.cipher.decrypt_sectors(first + index as u64, sector);
+        let mut run_start = 0usize;
+        let sectors = buf.len() / sector_len;
+        for index in 0..=sectors {
+            let is_zero = index < sectors && is_all_zero(&buf[index * sector_len..(index + 1) * sector_len]);
+            if index == sectors || is_zero {
+                if run_start < index {
+                    let run = &mut buf[run_start * sector_len..index * sector_len];
+                    self.cipher.decrypt_sectors(first + run_start as u64, run);
+                }
+                if is_zero {
+                    zero_sectors.push(index);
+                }
+                run_start = index + 1;
             }
         }
-        Ok(zero_sectors)
+        zero_sectors
     }
 
     /// Classifies `count` sectors from data sector `first` into runs of
@@ -447,7 +573,7 @@ impl Export {
         let mut position = first * sector;
         let mut next = first;
         let mut budget = BLOCK_STATUS_SCAN_BUDGET;
-        let mut scratch = vec![0u8; sector as usize];
+        let mut scratch = self.pool.take(sector as usize);
         let mut scan = |runs: &mut Vec<(u64, u64, u32)>, index: u64| -> Result<(), EngineError> {
             self.backend.read_at(&mut scratch, self.data_offset + index * sector)?;
             let flags = if is_all_zero(&scratch) { STATE_ZERO } else { 0 };
@@ -483,23 +609,18 @@ impl Export {
     }
 
     /// Writes `data` over `span`, reading back the partial edge sectors first.
-    fn write_span(&self, span: SectorSpan, data: Vec<u8>) -> Result<(), EngineError> {
+    fn write_span(&self, span: SectorSpan, data: &[u8]) -> Result<(), EngineError> {
         let sector_len = span.sector_len;
-        let mut buf = if span.head == 0 && data.len() == span.len_bytes() {
-            data
-        } else {
-            let mut merged = vec![0u8; span.len_bytes()];
-            let tail_partial = (span.head + data.len()) % sector_len != 0;
-            if span.head != 0 {
-                self.read_sectors(span.first, &mut merged[..sector_len])?;
-            }
-            let last = span.count as usize - 1;
-            if tail_partial && (last != 0 || span.head == 0) {
-                self.read_sectors(span.first + last as u64, &mut merged[last * sector_len..])?;
-            }
-            merged[span.head..span.head + data.len()].copy_from_slice(&data);
-            merged
-        };
+        let mut buf = self.pool.take(span.len_bytes());
+        let tail_partial = (span.head + data.len()) % sector_len != 0;
+        if span.head != 0 {
+            self.read_sectors(span.first, &mut buf[..sector_len])?;
+        }
+        let last = span.count as usize - 1;
+        if tail_partial && (last != 0 || span.head == 0) {
+            self.read_sectors(span.first + last as u64, &mut buf[last * sector_len..])?;
+        }
+        buf[span.head..span.head + data.len()].copy_from_slice(data);
 
         self.cipher.encrypt_sectors(span.first, &mut buf);
         self.backend.write_at(&buf, self.data_offset + span.first * sector_len as u64)?;
@@ -532,7 +653,8 @@ impl Export {
         }
         for (start, stop) in partial {
             let span = self.span(start, stop - start);
-            self.write_span(span, vec![0u8; (stop - start) as usize])?;
+            let zeros = [0u8; 4096];
+            self.write_span(span, &zeros[..(stop - start) as usize])?;
         }
         Ok(())
     }

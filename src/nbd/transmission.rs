@@ -16,7 +16,8 @@ use tracing::{debug, warn, Instrument};
 use super::consts::*;
 use super::handshake::{eof_is_disconnect, Session};
 use super::{error_code, NbdError};
-use crate::engine::{EngineError, Export, ZeroOptions, MAX_PAYLOAD};
+use crate::backend::IoBuffer;
+use crate::engine::{EngineError, Export, ReadOutput, ZeroOptions, MAX_PAYLOAD};
 
 /// Length of a request header on the wire.
 const REQUEST_HEADER_LEN: usize = 28;
@@ -38,18 +39,25 @@ impl Default for TransmissionLimits {
     }
 }
 
-/// A reply ready to be written.
+/// A reply ready to be written. Read data stays in the buffer it was decrypted in.
 enum Reply {
     Simple {
         cookie: u64,
         error: u32,
-        data: Vec<u8>,
+        data: Option<ReadOutput>,
     },
     /// Structured chunks whose bulk bytes are ranges of `data`.
     Structured {
         cookie: u64,
         chunks: Vec<Chunk>,
-        data: Vec<u8>,
+        data: Option<ReadOutput>,
+    },
+    /// A structured read reply of one OFFSET_DATA chunk with the DONE flag: the common
+    /// case, written without building a chunk list.
+    DataChunk {
+        cookie: u64,
+        offset: u64,
+        data: ReadOutput,
     },
 }
 
@@ -118,7 +126,7 @@ where
             .await
             .expect("the budget semaphore is never closed");
 
-        let mut payload = Vec::new();
+        let mut payload = None;
         if request.command == CMD_WRITE {
             if request.len > MAX_PAYLOAD {
                 // The payload cannot be skipped safely at this size; end the connection.
@@ -139,8 +147,8 @@ where
                     Err(e) => Err(e),
                 }
             } else {
-                payload = vec![0u8; request.len as usize];
-                reader.read_exact(&mut payload).await.map(|_| ())
+                let buffer = payload.insert(context.export.buffer_pool().take(request.len as usize));
+                reader.read_exact(buffer).await.map(|_| ())
             };
             if let Err(e) = read {
                 // A client that vanishes mid-payload gets nothing written.
@@ -207,7 +215,7 @@ impl Request {
 }
 
 /// Runs one request and builds its reply.
-async fn execute(context: &Context, request: &Request, payload: Vec<u8>) -> Reply {
+async fn execute(context: &Context, request: &Request, payload: Option<IoBuffer>) -> Reply {
     let export = &context.export;
     let allowed_flags = match request.command {
         CMD_READ if context.structured_replies => CMD_FLAG_FUA | CMD_FLAG_DF,
@@ -231,7 +239,10 @@ async fn execute(context: &Context, request: &Request, payload: Vec<u8>) -> Repl
         CMD_WRITE if request.len > context.max_payload => {
             return error_reply(context, request, EINVAL, "payload exceeds the advertised maximum")
         }
-        CMD_WRITE => export.write(request.offset, payload, fua).await,
+        CMD_WRITE => match payload {
+            Some(payload) => export.write(request.offset, payload, fua).await,
+            None => return error_reply(context, request, EINVAL, "write payload was not received"),
+        },
         CMD_FLUSH => export.flush().await,
         CMD_TRIM => export.trim(request.offset, request.len, fua).await,
         CMD_CACHE => export.cache(request.offset, request.len),
@@ -246,7 +257,7 @@ async fn execute(context: &Context, request: &Request, payload: Vec<u8>) -> Repl
         _ => unreachable!("commands were filtered above"),
     };
     match outcome {
-        Ok(()) => Reply::Simple { cookie: request.cookie, error: 0, data: Vec::new() },
+        Ok(()) => Reply::Simple { cookie: request.cookie, error: 0, data: None },
         Err(error) => engine_error_reply(context, request, &error),
     }
 }
@@ -262,19 +273,23 @@ async fn execute_read(context: &Context, request: &Request, fua: bool) -> Reply 
             result = Err(e);
         }
     }
-    let output = match result {
+    let mut output = match result {
         Ok(output) => output,
         Err(error) => return engine_error_reply(context, request, &error),
     };
     if !context.structured_replies {
-        return Reply::Simple { cookie: request.cookie, error: 0, data: output.data };
+        return Reply::Simple { cookie: request.cookie, error: 0, data: Some(output) };
     }
 
     // Data chunks for the plaintext, hole chunks where the ciphertext was zeros. A DF read
     // (no fragmentation) gets one data chunk.
+    let len = output.data().len();
+    let holes =
+        if request.flags & CMD_FLAG_DF != 0 { Vec::new() } else { std::mem::take(&mut output.zero_runs) };
+    if holes.is_empty() && len > 0 {
+        return Reply::DataChunk { cookie: request.cookie, offset: request.offset, data: output };
+    }
     let mut chunks = Vec::new();
-    let len = output.data.len();
-    let holes = if request.flags & CMD_FLAG_DF != 0 { Vec::new() } else { output.zero_runs };
     let mut position = 0usize;
     let data_chunk = |start: usize, end: usize| Chunk {
         flags: 0,
@@ -294,7 +309,7 @@ async fn execute_read(context: &Context, request: &Request, fua: bool) -> Reply 
     if position < len {
         chunks.push(data_chunk(position, len));
     }
-    finish_chunks(request.cookie, chunks, output.data)
+    finish_chunks(request.cookie, chunks, Some(output))
 }
 
 async fn execute_block_status(context: &Context, request: &Request, fua: bool) -> Reply {
@@ -322,11 +337,11 @@ async fn execute_block_status(context: &Context, request: &Request, fua: bool) -
         fields.extend_from_slice(&extent.flags.to_be_bytes());
     }
     let chunk = Chunk { flags: 0, kind: REPLY_TYPE_BLOCK_STATUS, fields, data: 0..0 };
-    finish_chunks(request.cookie, vec![chunk], Vec::new())
+    finish_chunks(request.cookie, vec![chunk], None)
 }
 
 /// Marks the last chunk DONE (adding a NONE chunk when there is none) and builds the reply.
-fn finish_chunks(cookie: u64, mut chunks: Vec<Chunk>, data: Vec<u8>) -> Reply {
+fn finish_chunks(cookie: u64, mut chunks: Vec<Chunk>, data: Option<ReadOutput>) -> Reply {
     match chunks.last_mut() {
         Some(last) => last.flags |= REPLY_FLAG_DONE,
         None => chunks.push(Chunk {
@@ -353,7 +368,7 @@ fn engine_error_reply(context: &Context, request: &Request, error: &EngineError)
 /// simple reply.
 fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -> Reply {
     if !context.structured_replies {
-        return Reply::Simple { cookie: request.cookie, error: code, data: Vec::new() };
+        return Reply::Simple { cookie: request.cookie, error: code, data: None };
     }
     let message = &message.as_bytes()[..message.len().min(MAX_STRING_LEN)];
     let mut fields = Vec::with_capacity(6 + message.len());
@@ -361,7 +376,7 @@ fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -
     fields.extend_from_slice(&(message.len() as u16).to_be_bytes());
     fields.extend_from_slice(message);
     let chunk = Chunk { flags: REPLY_FLAG_DONE, kind: REPLY_TYPE_ERROR, fields, data: 0..0 };
-    Reply::Structured { cookie: request.cookie, chunks: vec![chunk], data: Vec::new() }
+    Reply::Structured { cookie: request.cookie, chunks: vec![chunk], data: None }
 }
 
 /// Writes replies in the order they complete, flushing when no more are queued.
@@ -388,24 +403,42 @@ async fn write_one<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, reply: &Rep
             header[4..8].copy_from_slice(&error.to_be_bytes());
             header[8..].copy_from_slice(&cookie.to_be_bytes());
             writer.write_all(&header).await?;
-            if *error == 0 && !data.is_empty() {
-                writer.write_all(data).await?;
+            if let (0, Some(data)) = (*error, data) {
+                writer.write_all(data.data()).await?;
             }
         }
         Reply::Structured { cookie, chunks, data } => {
+            let data = data.as_ref().map_or(&[][..], ReadOutput::data);
             for chunk in chunks {
                 let len = chunk.fields.len() + chunk.data.len();
-                let mut header = [0u8; 20];
-                header[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                header[4..6].copy_from_slice(&chunk.flags.to_be_bytes());
-                header[6..8].copy_from_slice(&chunk.kind.to_be_bytes());
-                header[8..16].copy_from_slice(&cookie.to_be_bytes());
-                header[16..20].copy_from_slice(&(len as u32).to_be_bytes());
-                writer.write_all(&header).await?;
+                write_chunk_header(writer, *cookie, chunk.flags, chunk.kind, len).await?;
                 writer.write_all(&chunk.fields).await?;
                 writer.write_all(&data[chunk.data.clone()]).await?;
             }
         }
+        Reply::DataChunk { cookie, offset, data } => {
+            let data = data.data();
+            write_chunk_header(writer, *cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + data.len())
+                .await?;
+            writer.write_all(&offset.to_be_bytes()).await?;
+            writer.write_all(data).await?;
+        }
     }
     Ok(())
+}
+
+async fn write_chunk_header<W: AsyncWrite + Unpin>(
+    writer: &mut BufWriter<W>,
+    cookie: u64,
+    flags: u16,
+    kind: u16,
+    len: usize,
+) -> std::io::Result<()> {
+    let mut header = [0u8; 20];
+    header[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    header[4..6].copy_from_slice(&flags.to_be_bytes());
+    header[6..8].copy_from_slice(&kind.to_be_bytes());
+    header[8..16].copy_from_slice(&cookie.to_be_bytes());
+    header[16..20].copy_from_slice(&(len as u32).to_be_bytes());
+    writer.write_all(&header).await
 }
