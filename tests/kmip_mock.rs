@@ -208,7 +208,7 @@ fn success(op: u32, payload: Vec<Item>, reorder: bool) -> Vec<u8> {
         fields.reverse();
         fields.insert(1, Item::text(0x540001, "vendor extension the client does not know"));
     }
-    Item::structure(RESPONSE_MESSAGE, vec![header(), Item::structure(BATCH_ITEM, fields)]).encode()
+    Item::structure(RESPONSE_MESSAGE, vec![header(), Item::structure(BATCH_ITEM, fields)]).encode().to_vec()
 }
 
 fn failure(op: u32, reason: u32) -> Vec<u8> {
@@ -218,7 +218,7 @@ fn failure(op: u32, reason: u32) -> Vec<u8> {
         Item::enumeration(RESULT_REASON, reason),
         Item::text(0x42007D, "not supported here"),
     ];
-    Item::structure(RESPONSE_MESSAGE, vec![header(), Item::structure(BATCH_ITEM, fields)]).encode()
+    Item::structure(RESPONSE_MESSAGE, vec![header(), Item::structure(BATCH_ITEM, fields)]).encode().to_vec()
 }
 
 fn versions_payload() -> Vec<Item> {

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::message::{decode_response, encode_request, ResponseError};
 use super::ops;
-use super::spec::{Operation, ProtocolVersion, RESULT_REASON_OPERATION_NOT_SUPPORTED};
+use super::spec::{self, Operation, ProtocolVersion};
 use super::transport::{Connection, TransportError};
 use super::ttlv::Item;
 use super::KmipError;
@@ -273,10 +273,15 @@ impl Cluster {
                         .find(|v| offered.contains(v))
                         .ok_or_else(|| ServerError::NoCommonVersion { offered: offered_text() });
                 }
+                // A server rejects the header version (Invalid Message or Invalid Field) or the
+                // operation itself; anything else, such as failed authentication, is final.
                 Err(ServerError::Response(ResponseError::Failed { reason, .. }))
-                    if reason == RESULT_REASON_OPERATION_NOT_SUPPORTED
-                        || reason == 0x04
-                        || reason == 0x07 =>
+                    if matches!(
+                        reason,
+                        spec::RESULT_REASON_INVALID_MESSAGE
+                            | spec::RESULT_REASON_OPERATION_NOT_SUPPORTED
+                            | spec::RESULT_REASON_INVALID_FIELD
+                    ) =>
                 {
                     continue
                 }

@@ -1,5 +1,7 @@
 //! KMIP request and response messages with a single batch item (KMIP 1.4 spec section 7).
 
+use zeroize::Zeroizing;
+
 use super::spec::{self, tag, Operation, ProtocolVersion};
 use super::ttlv::{self, Item, TtlvError, Value};
 
@@ -21,7 +23,7 @@ pub enum ResponseError {
 }
 
 /// Encodes a request message for `op` with `payload` as the request payload's children.
-pub fn encode_request(version: ProtocolVersion, op: Operation, payload: Vec<Item>) -> Vec<u8> {
+pub fn encode_request(version: ProtocolVersion, op: Operation, payload: Vec<Item>) -> Zeroizing<Vec<u8>> {
     let header = Item::structure(
         tag::REQUEST_HEADER,
         vec![
@@ -183,6 +185,7 @@ mod tests {
             ],
         )
         .encode()
+        .to_vec()
     }
 
     #[test]

@@ -115,7 +115,9 @@ pub fn result_reason_name(value: u32) -> &'static str {
     }
 }
 
+pub const RESULT_REASON_INVALID_MESSAGE: u32 = 0x04;
 pub const RESULT_REASON_OPERATION_NOT_SUPPORTED: u32 = 0x05;
+pub const RESULT_REASON_INVALID_FIELD: u32 = 0x07;
 
 pub const OBJECT_TYPE_SYMMETRIC_KEY: u32 = 2;
 pub const CRYPTOGRAPHIC_ALGORITHM_AES: u32 = 3;

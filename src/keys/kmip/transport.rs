@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use zeroize::Zeroizing;
 
 use super::message::MAX_RESPONSE_LEN;
 use super::spec::tag;
@@ -113,8 +114,13 @@ impl Connection {
             .map_err(|_| TransportError::ConnectTimeout(timeout.as_millis()))?
     }
 
-    /// Sends one request message and reads one response message within `timeout`.
-    pub async fn exchange(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>, TransportError> {
+    /// Sends one request message and reads one response message within `timeout`. The
+    /// response may hold key material and is zeroized on drop.
+    pub async fn exchange(
+        &mut self,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<Zeroizing<Vec<u8>>, TransportError> {
         let exchange = async {
             self.stream.write_all(request).await.map_err(TransportError::Io)?;
             self.stream.flush().await.map_err(TransportError::Io)?;
@@ -137,7 +143,7 @@ impl Connection {
             {
                 return Err(TransportError::BadFrame { tag, item_type, len });
             }
-            let mut response = vec![0u8; HEADER_LEN + len as usize];
+            let mut response = Zeroizing::new(vec![0u8; HEADER_LEN + len as usize]);
             response[..HEADER_LEN].copy_from_slice(&header);
             self.stream.read_exact(&mut response[HEADER_LEN..]).await.map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => TransportError::Closed,

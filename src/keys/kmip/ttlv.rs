@@ -159,11 +159,26 @@ impl Item {
         out.resize(value_at + padded_len(length as usize), 0);
     }
 
-    /// Encodes this item into a new buffer.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+    /// Encodes this item into a new buffer of exactly the encoded size. Byte strings may be
+    /// key material, so the buffer is zeroized on drop and never reallocated while filled,
+    /// which would leave copies behind.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(self.encoded_len()));
         self.encode_into(&mut out);
         out
+    }
+
+    /// Returns the size of this item's encoding, padding included.
+    pub fn encoded_len(&self) -> usize {
+        let value_len = match &self.value {
+            Value::Structure(items) => items.iter().map(Item::encoded_len).sum(),
+            Value::Integer(_) | Value::Enumeration(_) | Value::Interval(_) => 4,
+            Value::LongInteger(_) | Value::DateTime(_) | Value::Boolean(_) => 8,
+            Value::TextString(v) => v.len(),
+            Value::ByteString(v) => v.len(),
+            Value::BigInteger(v) => v.len(),
+        };
+        HEADER_LEN + padded_len(value_len)
     }
 
     /// Children of a structure, or an empty slice for any other value.
@@ -403,7 +418,7 @@ mod tests {
         let payload = message.child(0x42000F).unwrap().child(0x42007C).unwrap();
         let Value::TextString(id) = &payload.child(0x420094).unwrap().value else { panic!("not text") };
         assert_eq!(id, "fc8833de-70d2-4ece-b063-fede3a3c59fe");
-        assert_eq!(message.encode(), bytes, "re-encoding changes the bytes");
+        assert_eq!(*message.encode(), bytes, "re-encoding changes the bytes");
     }
 
     #[test]
@@ -411,6 +426,8 @@ mod tests {
         let item = sample();
         let bytes = item.encode();
         assert_eq!(bytes.len() % 8, 0);
+        assert_eq!(bytes.len(), item.encoded_len());
+        assert_eq!(bytes.capacity(), bytes.len(), "the buffer grew while encoding");
         assert_eq!(decode(&bytes).unwrap(), item);
     }
 
@@ -514,7 +531,7 @@ mod tests {
 
         #[test]
         fn oversized_input_is_an_error(item in arb_item(), extra in 1usize..32) {
-            let mut bytes = item.encode();
+            let mut bytes = item.encode().to_vec();
             bytes.extend(std::iter::repeat_n(0u8, extra));
             prop_assert!(matches!(decode(&bytes).unwrap_err().kind, TtlvErrorKind::TrailingBytes(n) if n == extra));
         }
