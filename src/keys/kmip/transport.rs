@@ -76,9 +76,9 @@ pub fn client_config(files: &TlsFiles<'_>) -> Result<Arc<ClientConfig>, String> 
     let key = PrivateKeyDer::from_pem_file(files.client_key)
         .map_err(|e| format!("client key {} is missing or invalid: {e}", files.client_key.display()))?;
 
-    // ring rather than aws-lc-rs, because aws-lc-rs needs cmake to build. rustls 0.23.48
-    // deprecates the ring provider only for lacking post-quantum key exchange, which TLS 1.2
-    // peers such as PyKMIP cannot use anyway.
+    // rustls 0.23.48 deprecates the ring provider only for lacking post-quantum key
+    // exchange, which TLS 1.2 peers such as PyKMIP cannot use anyway.
+    // TODO: move to the aws-lc-rs provider so TLS 1.3 servers get post-quantum key exchange.
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
@@ -116,6 +116,8 @@ impl Connection {
 
     /// Sends one request message and reads one response message within `timeout`. The
     /// response may hold key material and is zeroized on drop.
+    /// NOTE: rustls keeps its own copies of records in its buffers, which nbdcrypt does not
+    /// wipe.
     pub async fn exchange(
         &mut self,
         request: &[u8],
