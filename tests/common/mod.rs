@@ -196,3 +196,10 @@ pub fn file_contains(path: &Path, needle: &[u8]) -> bool {
     let haystack = fs::read(path).unwrap();
     haystack.windows(needle.len()).any(|window| window == needle)
 }
+
+impl Server {
+    /// The process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+}
