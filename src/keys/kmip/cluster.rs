@@ -20,6 +20,9 @@ use super::KmipError;
 
 /// Rounds over all servers before a request gives up, if the deadline has not ended it.
 const MAX_ROUNDS: u32 = 3;
+/// Time after which a kept connection is closed rather than reused, so a daemon that only
+/// unlocked volumes at start does not hold a server connection for its whole life.
+const MAX_IDLE: Duration = Duration::from_secs(30);
 /// Pause after the first failed round; it doubles each round.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -59,10 +62,30 @@ struct Server {
     server_name: ServerName<'static>,
     /// Version agreed by Discover Versions on the first connection.
     version: Mutex<Option<ProtocolVersion>>,
-    /// A connection kept open between requests.
-    idle: Mutex<Option<Connection>>,
+    /// A connection kept open between requests, and when it was last used.
+    idle: Mutex<Option<(Connection, Instant)>>,
     /// Last known reachability; reachable servers are tried first.
     reachable: AtomicBool,
+}
+
+impl Server {
+    /// Takes the kept connection unless it has been idle longer than [`MAX_IDLE`].
+    fn take_idle(&self) -> Option<Connection> {
+        let idle = self.idle.lock().expect("idle connection lock").take();
+        idle.filter(|(_, since)| since.elapsed() <= MAX_IDLE).map(|(connection, _)| connection)
+    }
+
+    fn keep_idle(&self, connection: Connection) {
+        *self.idle.lock().expect("idle connection lock") = Some((connection, Instant::now()));
+    }
+
+    /// Closes the kept connection if it has been idle longer than [`MAX_IDLE`].
+    fn close_stale_idle(&self) {
+        let mut idle = self.idle.lock().expect("idle connection lock");
+        if idle.as_ref().is_some_and(|(_, since)| since.elapsed() > MAX_IDLE) {
+            *idle = None;
+        }
+    }
 }
 
 /// Result of `check` for one server.
@@ -191,17 +214,17 @@ impl Cluster {
     ) -> Result<(ProtocolVersion, Item), ServerError> {
         // A kept connection may have been closed by the server since; a transport error on
         // it earns one retry on a fresh connection.
-        let idle = server.idle.lock().expect("idle connection lock").take();
+        let idle = server.take_idle();
         if let Some(mut connection) = idle {
             let version = (*server.version.lock().expect("version lock")).unwrap_or(ProtocolVersion::V1_0);
             match self.send(&mut connection, version, op, build, deadline).await {
                 Ok(payload) => {
-                    *server.idle.lock().expect("idle connection lock") = Some(connection);
+                    server.keep_idle(connection);
                     return Ok((version, payload));
                 }
                 Err(ServerError::Transport(_)) => {}
                 Err(error) => {
-                    *server.idle.lock().expect("idle connection lock") = Some(connection);
+                    server.keep_idle(connection);
                     return Err(error);
                 }
             }
@@ -219,7 +242,7 @@ impl Cluster {
         };
         let result = self.send(&mut connection, version, op, build, deadline).await;
         if !matches!(result, Err(ServerError::Transport(_))) {
-            *server.idle.lock().expect("idle connection lock") = Some(connection);
+            server.keep_idle(connection);
         }
         result.map(|payload| (version, payload))
     }
@@ -345,6 +368,7 @@ impl Cluster {
             loop {
                 ticker.tick().await;
                 for (index, server) in self.servers.iter().enumerate() {
+                    server.close_stale_idle();
                     let result = self.probe(server).await;
                     let reachable = result.is_ok();
                     server.reachable.store(reachable, Ordering::Relaxed);
