@@ -329,9 +329,27 @@ fn run_hang_up_waves(
     rejected.load(Ordering::Relaxed)
 }
 
+/// Raises the soft open-file limit to the hard limit, for the test's own sockets and for the
+/// server, which inherits it. The test holds about 600 sockets at once.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0, "getrlimit failed");
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0, "setrlimit failed");
+    }
+    assert!(
+        limit.rlim_cur >= 2048,
+        "the hard open-file limit {} is below the 2048 this test needs",
+        limit.rlim_cur
+    );
+}
+
 #[test]
 fn hostile_clients_leak_nothing() {
     let started = Instant::now();
+    raise_open_file_limit();
     let workspace = Workspace::new();
     let volume = workspace.create_volume("hostile.img", "32M", &[]);
     let config = workspace.path("hostile.toml");
