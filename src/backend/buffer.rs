@@ -7,9 +7,9 @@
 //! backend registers with its ring (fixed buffers): buffers carved from it skip the kernel's
 //! per-I/O page pinning.
 //!
-//! Buffers are handed out with their old contents, never uninitialized memory: fresh heap
-//! buffers and the region start zeroed, and a recycled buffer holds earlier request data,
-//! which every user overwrites (a read fills it, a payload read fills it) before sending it.
+//! Buffers are handed out with their old contents, never uninitialized memory. Fresh heap
+//! buffers and the region start zeroed, and a recycled buffer contains earlier request data,
+//! which every user overwrites (a backend read or a payload read fills it) before sending it.
 
 #![allow(unsafe_code)]
 
@@ -380,11 +380,13 @@ mod tests {
         let a = pool.take(8192);
         let b = pool.take(8192);
         let c = pool.take(4096);
-        assert!(a.is_in_region() && b.is_in_region());
+        assert!(a.is_in_region());
+        assert!(b.is_in_region());
         assert!(!c.is_in_region());
         let mut a = a;
         let address = a.as_mut_ptr() as usize;
-        assert!(address >= base as usize && address < base as usize + len);
+        assert!(address >= base as usize);
+        assert!(address < base as usize + len);
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! AES-256-XTS through aws-lc's `EVP_aes_256_xts`, which on x86-64 CPUs with VAES,
-//! VPCLMULQDQ, AVX512F and AVX512VBMI2 runs an AVX-512 routine (`aes_hw_xts_encrypt_avx512`)
-//! that encrypts about twice as fast as the portable path.
+//! AES-256-XTS through aws-lc's `EVP_aes_256_xts`. On x86-64 CPUs with VAES, VPCLMULQDQ,
+//! AVX512F and AVX512VBMI2 it runs an AVX-512 routine (`aes_hw_xts_encrypt_avx512`), on
+//! other CPUs with AES-NI an interleaved AES-NI routine (`aes_hw_xts_encrypt`). Both ran
+//! about twice as fast as the portable path in `benches/xts.rs` (see docs/benchmarks.md).
 //!
 //! An EVP context holds the expanded keys and serves one thread at a time, so contexts are
 //! pooled: a call takes one, changes only its IV for each sector, and puts it back. A
@@ -25,15 +26,12 @@ use super::VOLUME_KEY_LEN;
 /// schedules of 244 bytes each and a few pointers.
 const KEY_SCHEDULE_SPAN: usize = 1024;
 
-/// Whether this CPU runs aws-lc's AVX-512 XTS routine; aws-lc checks the same four features
-/// (`avx512_xts_available` in its `crypto/fipsmodule/aes/internal.h`).
-pub fn has_avx512_xts() -> bool {
+/// Whether aws-lc runs a hardware XTS routine on this CPU: x86-64 with AES-NI, which aws-lc
+/// checks before its assembly paths (`hwaes_xts_available` in its `e_aes.c`).
+pub fn has_hardware_xts() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("vaes")
-            && std::arch::is_x86_feature_detected!("vpclmulqdq")
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vbmi2")
+        std::arch::is_x86_feature_detected!("aes")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

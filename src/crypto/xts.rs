@@ -1,6 +1,6 @@
 //! AES-256-XTS (IEEE 1619) over whole sectors, with two implementations chosen at run time:
-//! aws-lc's AVX-512 routine on CPUs that have VAES and AVX-512, and a portable batched one
-//! everywhere else. The portable path computes the tweaks of a run of blocks first, then
+//! aws-lc's assembly routines (AVX-512 with VAES, else AES-NI) on x86-64 CPUs with AES-NI,
+//! and a portable batched one everywhere else. The portable path computes the tweaks of a run of blocks first, then
 //! runs the AES rounds over the whole run in one call, which lets the `aes` crate use its
 //! parallel AES-NI path instead of one block at a time.
 
@@ -65,7 +65,7 @@ impl SectorSize {
 /// An AES-256-XTS implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XtsImplementation {
-    /// aws-lc's `EVP_aes_256_xts`, chosen when the CPU runs its AVX-512 routine.
+    /// aws-lc's `EVP_aes_256_xts`, chosen on x86-64 CPUs with AES-NI.
     AwsLc,
     /// Batched XTS over the `aes` crate: AES-NI where present, constant-time software
     /// elsewhere.
@@ -75,7 +75,7 @@ pub enum XtsImplementation {
 impl XtsImplementation {
     /// The fastest implementation for this CPU.
     pub fn best_available() -> Self {
-        if aws_lc::has_avx512_xts() {
+        if aws_lc::has_hardware_xts() {
             XtsImplementation::AwsLc
         } else {
             XtsImplementation::Portable
@@ -118,7 +118,7 @@ impl SectorCipher {
     }
 
     /// Prepares the cipher for `key` with a chosen implementation. Both implementations run
-    /// on every x86-64 CPU; aws-lc is only faster with AVX-512.
+    /// on every CPU; aws-lc falls back to constant-time software AES without AES-NI.
     pub fn with_implementation(
         key: &VolumeKey,
         sector_size: SectorSize,
@@ -317,9 +317,9 @@ mod tests {
     }
 
     #[test]
-    fn best_available_is_aws_lc_with_avx512() {
+    fn best_available_is_aws_lc_with_aes_ni() {
         let expected =
-            if aws_lc::has_avx512_xts() { XtsImplementation::AwsLc } else { XtsImplementation::Portable };
+            if aws_lc::has_hardware_xts() { XtsImplementation::AwsLc } else { XtsImplementation::Portable };
         assert_eq!(XtsImplementation::best_available(), expected);
     }
 

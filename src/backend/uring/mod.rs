@@ -7,10 +7,11 @@
 //!
 //! Every buffer the kernel reads or writes belongs to a *slot* of the ring from the moment its
 //! submission entry is queued until the ring thread has reaped that entry's completion. The
-//! submitting future only takes the buffer back out of a slot whose completion has arrived;
-//! if the future is dropped first (the client disconnected, the runtime shut down), the slot
-//! is marked abandoned and the ring thread drops the buffer after the completion, returning
-//! it to its pool. The ring thread does not exit, and so the ring is not torn down, while
+//! submitting future only takes the buffer back out of a slot whose completion has arrived.
+//! If the future is dropped first (the runtime shut down, or a caller stopped waiting), the slot
+//! is marked abandoned, and the ring thread drops the buffer after the completion, which
+//! returns it to its pool. A client that disconnects cancels nothing: each of its requests
+//! runs in its own task to completion. The ring thread does not exit, and so the ring is not torn down, while
 //! any slot is in flight. Buffers are heap or region memory that does not move when an
 //! [`IoBuffer`] value moves, and the region stays mapped while any buffer of its pool lives.
 //! Each `SAFETY` comment in this module and in `ring` relies on this rule.
@@ -38,9 +39,11 @@ const REQUIRED_OPCODES: [u8; 5] = [
 /// Operations in flight per ring: enough for several connections at queue depth 32.
 pub const DEFAULT_RING_SLOTS: u32 = 256;
 
-/// Bytes of registered buffer memory per export. Requests above what the region holds use
-/// unregistered heap buffers, which work the same but cost a page pin per I/O.
-pub const DEFAULT_REGION_BYTES: usize = 32 * 1024 * 1024;
+/// Bytes of registered buffer memory per export: sixteen 1 MiB requests in flight. The
+/// kernel pins the region, so it counts in RSS and against RLIMIT_MEMLOCK for processes
+/// without CAP_IPC_LOCK; above that limit registration fails and every buffer is an
+/// unregistered one, which works the same but costs a page pin per I/O.
+pub const DEFAULT_REGION_BYTES: usize = 16 * 1024 * 1024;
 
 /// Checks that this process may create io_uring rings with the operations the backend uses.
 /// Fails with the setup error (EPERM under a seccomp filter or with the `io_uring_disabled`

@@ -1,5 +1,5 @@
 //! The ring thread and its slot table. Tasks queue submission entries under a mutex and wake
-//! the thread through an eventfd whose read is always pending in the ring; the thread pushes
+//! the thread through an eventfd whose read is always pending in the ring. The thread pushes
 //! the entries, waits for completions, stores each result in its slot and wakes the task.
 //! The buffer ownership rule is stated in the parent module.
 
