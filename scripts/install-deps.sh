@@ -55,6 +55,14 @@ readonly BUILD_PACKAGES=(
   gcc
 )
 
+# scripts/bench.sh: parsing fio's JSON, arithmetic, and profiles of the server.
+readonly BENCH_PACKAGES=(
+  jq
+  bc
+  linux-perf
+  valgrind
+)
+
 # Installed in a second apt run, see install_qemu_utils.
 readonly QEMU_UTILS=qemu-utils
 
@@ -66,6 +74,7 @@ readonly REQUIRED_COMMANDS=(
   nbdinfo nbdcopy nbdsh fio nbdkit nbd-client nbd-server socat
   cryptsetup dmsetup openssl busybox mke2fs e2fsck debugfs cpio gzip file
   autoreconf automake libtoolize pkg-config bison flex make gcc
+  jq bc perf valgrind
 )
 
 die() {
@@ -119,7 +128,7 @@ main() {
   command -v apt-get >/dev/null && command -v dpkg-query >/dev/null ||
     die "apt-get or dpkg-query not found; this script supports Debian 12 (bookworm) only"
 
-  local all_packages=("${NBD_PACKAGES[@]}" "${CRYPTO_PACKAGES[@]}" "${BUILD_PACKAGES[@]}")
+  local all_packages=("${NBD_PACKAGES[@]}" "${CRYPTO_PACKAGES[@]}" "${BUILD_PACKAGES[@]}" "${BENCH_PACKAGES[@]}")
   local missing
   missing=$(missing_packages "${all_packages[@]}" "$QEMU_UTILS")
   if [[ -z $missing && -z $(missing_commands "${REQUIRED_COMMANDS[@]}") ]]; then
