@@ -438,7 +438,7 @@ fn hostile_clients_leak_nothing() {
     );
 
     // Idle blocking-pool threads exit after tokio's 10 s keep-alive, so the count falls
-    // back to the baseline unless a connection left a task running.
+    // back to the baseline unless some blocking work is still running.
     let idle = wait_for_threads(pid, baseline.threads, Duration::from_secs(20));
     eprintln!("after the blocking pool idled: {idle:?}");
     assert!(
@@ -450,8 +450,8 @@ fn hostile_clients_leak_nothing() {
     // freed buffers plus its 32 MiB io_uring region, and glibc keeps freed memory in its
     // arenas. Runs of 16 waves settled at 230 to 310 MiB after the first wave and grew no
     // further, varying by about 25 MiB between waves. A leak of 48 KiB per connection
-    // would add 70 MiB over the second 1500 clients and fail the first check; the second
-    // bounds what the server keeps after a few hundred connections at once.
+    // would add 70 MiB over the second 1500 clients and fail the first check. The second
+    // check bounds what the server keeps after a few hundred connections at once.
     let growth_kib = idle.rss_kib.saturating_sub(middle.rss_kib);
     assert!(
         growth_kib <= 64 << 10,
