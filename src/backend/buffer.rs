@@ -128,6 +128,11 @@ impl BufferPool {
         self.inner.region.as_ref().map(|region| (region.base.as_ptr(), region.len))
     }
 
+    /// Cuts a `capacity`-byte buffer from the unused end of the region.
+    ///
+    /// NOTE: carved pieces keep their size class forever and are never merged, so a region
+    /// used up by small requests leaves later large requests on unregistered heap buffers
+    /// (correct, but each I/O pins its pages).
     fn carve(&self, capacity: usize) -> Option<RawBuffer> {
         let region = self.inner.region.as_ref()?;
         let mut carved = lock(&region.carved);

@@ -54,9 +54,10 @@ pub struct ServeArgs {
     pub backend: Option<BackendKind>,
 }
 
-/// Cache mode of an export that sets none: O_DIRECT keeps one copy of the data (the page
-/// cache would hold ciphertext that is never read back as such) and measured fastest on
-/// the random workloads in docs/benchmarks.md.
+/// Cache mode of an export that sets none. O_DIRECT keeps memory use flat and the latency
+/// of writes and FLUSH steady. Writeback measured faster on most workloads of
+/// docs/benchmarks.md, where the 1 GiB test volume fit in the page cache and writes waited
+/// for the next FLUSH; a volume larger than memory under steady writes gets neither.
 const DEFAULT_CACHE: CacheMode = CacheMode::None;
 
 pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
