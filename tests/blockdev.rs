@@ -50,7 +50,11 @@ fn block_device_volume_serves_and_locks() {
     // A second server cannot open the device: it is held with O_EXCL.
     let second = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", device]);
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("in use"), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
 
     let script = r#"
 import os

@@ -379,7 +379,13 @@ fn cryptsetup_accepts_the_volume_key_and_its_header_edits() {
     assert!(server.stop().success());
 
     // Unwrap the volume key the way docs/format.md describes, with Python's cryptography.
-    let token = run(Command::new("cryptsetup").args(["token", "export", "--token-id", "0", volume.to_str().unwrap()]));
+    let token = run(Command::new("cryptsetup").args([
+        "token",
+        "export",
+        "--token-id",
+        "0",
+        volume.to_str().unwrap(),
+    ]));
     fs::write(ws.path("token.json"), &token.stdout).unwrap();
     let recipe = r#"
 import base64, json, os, sys
@@ -403,11 +409,25 @@ os.write(fd, key)
     let passphrase = ws.path("passphrase");
     fs::write(&passphrase, "correct horse").unwrap();
     run(Command::new("cryptsetup").args([
-        "luksAddKey", "--batch-mode", "--volume-key-file", key_file.to_str().unwrap(), "--key-size", "512",
-        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", volume.to_str().unwrap(), passphrase.to_str().unwrap(),
+        "luksAddKey",
+        "--batch-mode",
+        "--volume-key-file",
+        key_file.to_str().unwrap(),
+        "--key-size",
+        "512",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        volume.to_str().unwrap(),
+        passphrase.to_str().unwrap(),
     ]));
     run(Command::new("cryptsetup").args([
-        "open", "--test-passphrase", "--key-file", passphrase.to_str().unwrap(), volume.to_str().unwrap(),
+        "open",
+        "--test-passphrase",
+        "--key-file",
+        passphrase.to_str().unwrap(),
+        volume.to_str().unwrap(),
     ]));
 
     // nbdcrypt still opens the header cryptsetup rewrote, keyslot and all, with the same data.
@@ -416,7 +436,10 @@ os.write(fd, key)
     assert_eq!(info["header_needs_repair"], false);
     let server = ws.serve(&[volume.to_str().unwrap()]);
     let output = run(debian_tool("nbdsh").args([
-        "-u", &server.uri("oracle"), "-c", "assert h.pread(7000, 12345) == b'persist' * 1000\nprint('OK')",
+        "-u",
+        &server.uri("oracle"),
+        "-c",
+        "assert h.pread(7000, 12345) == b'persist' * 1000\nprint('OK')",
     ]));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
 }
