@@ -174,7 +174,8 @@ try:
     h.pread(4096, size)
     raise SystemExit("read past the end succeeded")
 except nbd.Error as e:
-    assert "command failed" in str(e) and "EINVAL" in str(e), e
+    assert "command failed" in str(e), e
+    assert "EINVAL" in str(e), e
 print("OK")
 "#;
     let output = run(debian_tool("nbdsh").args(["-u", &server.uri("aio"), "-c", script]));
@@ -254,7 +255,8 @@ fn create_refuses_existing_filesystem_without_force() {
     let output = ws.nbdcrypt(&["create", path.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("ext2/ext3/ext4") && stderr.contains("--force"), "{stderr}");
+    assert!(stderr.contains("ext2/ext3/ext4"), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
 
     let output = ws.nbdcrypt(&["create", path.to_str().unwrap(), "--force"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
