@@ -52,6 +52,7 @@ impl SectorSize {
     }
 
     /// The sector size in bytes as `usize`.
+    #[allow(clippy::len_without_is_empty)] // a sector size is never zero
     pub const fn len(self) -> usize {
         self.bytes() as usize
     }

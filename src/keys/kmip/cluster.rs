@@ -298,16 +298,13 @@ impl Cluster {
                 }
                 // A server rejects the header version (Invalid Message or Invalid Field) or the
                 // operation itself; anything else, such as failed authentication, is final.
-                Err(ServerError::Response(ResponseError::Failed { reason, .. }))
-                    if matches!(
-                        reason,
+                Err(ServerError::Response(ResponseError::Failed {
+                    reason:
                         spec::RESULT_REASON_INVALID_MESSAGE
-                            | spec::RESULT_REASON_OPERATION_NOT_SUPPORTED
-                            | spec::RESULT_REASON_INVALID_FIELD
-                    ) =>
-                {
-                    continue
-                }
+                        | spec::RESULT_REASON_OPERATION_NOT_SUPPORTED
+                        | spec::RESULT_REASON_INVALID_FIELD,
+                    ..
+                })) => continue,
                 Err(error) => return Err(error),
             }
         }
