@@ -2,6 +2,8 @@
 //! writes and large reads, and hang up without reading a reply, plus connections that stall
 //! in the handshake or in a write payload. Afterwards the server's file descriptors return
 //! to their baseline, its threads and memory stay bounded, and a normal client still works.
+//! A second test covers clients that stay connected but stop: inside a write payload, or
+//! by not reading replies to large reads.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{pseudo_random, Workspace};
+use common::{pseudo_random, Server, Workspace};
 use nbdcrypt::nbd::consts::*;
 
 /// Hang-up connections, run in waves of `WAVE_SIZE` at once.
@@ -24,6 +26,8 @@ const STALLED_PER_KIND: usize = 50;
 /// Handshake timeout set in the test's configuration file, in seconds. The default of
 /// 30 s would make the test wait that long for the stalled handshakes.
 const HANDSHAKE_TIMEOUT_SECS: u64 = 3;
+/// Stall timeout of the first test: longer than the test, so stalled payloads stay open.
+const LONG_STALL_TIMEOUT_SECS: u64 = 600;
 /// Export size; every request stays inside it.
 const EXPORT_SIZE: u64 = 32 << 20;
 const WRITE_LEN: usize = 32 << 10;
@@ -251,8 +255,8 @@ fn is_closed_by_server(stream: &mut UnixStream, within: Duration) -> bool {
     }
 }
 
-/// Connections that attach and stop inside a 1 MiB write payload. The protocol has no
-/// transmission timeout, so the server keeps them until the client leaves.
+/// Connections that attach and stop inside a 1 MiB write payload. The server keeps them
+/// until the client leaves or the stall timeout runs out.
 fn start_stalled_payloads(socket: &Path, payload: &[u8]) -> Vec<UnixStream> {
     (0..STALLED_PER_KIND)
         .map(|_| {
@@ -346,34 +350,37 @@ fn raise_open_file_limit() {
     );
 }
 
+/// Serves a new volume of `size` as export "disk" with `server_table` as the `[server]`
+/// table, and returns the server with its usage after one normal client. The baseline comes
+/// after that client, so the runtime's worker threads and lazily opened files already exist.
+fn start_measured_server(workspace: &Workspace, size: &str, server_table: &str) -> (Server, ProcessUsage) {
+    let volume = workspace.create_volume("hostile.img", size, &[]);
+    let config = workspace.path("hostile.toml");
+    std::fs::write(&config, format!("[server]\n{server_table}")).unwrap();
+    let server =
+        workspace.serve(&["--config", config.to_str().unwrap(), "--name", "disk", volume.to_str().unwrap()]);
+    check_normal_client(&server.socket);
+    thread::sleep(Duration::from_millis(500));
+    let baseline = usage(server.pid());
+    eprintln!("baseline: {baseline:?}");
+    (server, baseline)
+}
+
 #[test]
 fn hostile_clients_leak_nothing() {
     let started = Instant::now();
     raise_open_file_limit();
     let workspace = Workspace::new();
-    let volume = workspace.create_volume("hostile.img", "32M", &[]);
-    let config = workspace.path("hostile.toml");
     // Limits high enough that no hang-up client is rejected while the previous wave's
     // connections are still being torn down.
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nhandshake_timeout_secs = {HANDSHAKE_TIMEOUT_SECS}\n\
-             max_connections = 4096\nmax_connections_per_export = 4096\n"
-        ),
-    )
-    .unwrap();
-    let server =
-        workspace.serve(&["--config", config.to_str().unwrap(), "--name", "disk", volume.to_str().unwrap()]);
+    let server_table = format!(
+        "handshake_timeout_secs = {HANDSHAKE_TIMEOUT_SECS}\n\
+         max_connections = 4096\nmax_connections_per_export = 4096\n\
+         stall_timeout_secs = {LONG_STALL_TIMEOUT_SECS}\n"
+    );
+    let (server, baseline) = start_measured_server(&workspace, "32M", &server_table);
     let pid = server.pid();
     let socket = server.socket.clone();
-
-    // The baseline comes after one normal client, so the runtime's worker threads and
-    // lazily opened files already exist.
-    check_normal_client(&socket);
-    thread::sleep(Duration::from_millis(500));
-    let baseline = usage(pid);
-    eprintln!("baseline: {baseline:?}");
 
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let peak_threads = sample_peak_threads(pid, Arc::clone(&stop_sampling));
@@ -417,7 +424,8 @@ fn hostile_clients_leak_nothing() {
     }
     drop(stalled);
 
-    // Stalled write payloads are held open by the server until their clients leave.
+    // Stalled write payloads are held open by the server until their clients leave, since
+    // the stall timeout here is longer than the test.
     let open_stalled =
         wait_for_fds(pid, baseline.fds + stalled_payloads.len() as u64, Duration::from_secs(20));
     assert!(
@@ -469,4 +477,107 @@ fn hostile_clients_leak_nothing() {
     let status = server.stop();
     assert!(status.success(), "nbdcrypt serve exited with {status}");
     eprintln!("hostile clients test took {:?}", started.elapsed());
+}
+
+/// Samples the server's RSS until `stop` is set, returning the maximum seen in KiB.
+fn sample_peak_rss(pid: u32, stop: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(usage(pid).rss_kib);
+            thread::sleep(Duration::from_millis(10));
+        }
+        peak
+    })
+}
+
+/// Stall timeout of the second test, in seconds.
+const STALL_TIMEOUT_SECS: u64 = 3;
+/// Clients of the second test that send large reads and never read the replies.
+const NON_READERS: usize = 8;
+/// Reads each non-reading client sends: 2 GiB of replies per client.
+const NON_READER_REQUESTS: u64 = 64;
+/// Server-wide in-flight bound of the second test.
+const TOTAL_IN_FLIGHT_MIB: u64 = 64;
+
+#[test]
+fn stalled_transmission_clients_are_bounded_and_closed() {
+    let workspace = Workspace::new();
+    let server_table = format!(
+        "stall_timeout_secs = {STALL_TIMEOUT_SECS}\nmax_total_in_flight_bytes = {}\n",
+        TOTAL_IN_FLIGHT_MIB << 20
+    );
+    let (server, baseline) = start_measured_server(&workspace, "64M", &server_table);
+    let pid = server.pid();
+    let socket = server.socket.clone();
+
+    // An attached client that sends nothing: idle connections never time out.
+    let mut idle = connect(&socket);
+    assert_eq!(attach(&mut idle), REP_ACK);
+
+    let stop_sampling = Arc::new(AtomicBool::new(false));
+    let peak_rss = sample_peak_rss(pid, Arc::clone(&stop_sampling));
+    let started = Instant::now();
+    let payload = pseudo_random(4096, 9);
+    let stalled_payloads = start_stalled_payloads(&socket, &payload);
+    // Each non-reader requests 2 GiB in 32 MiB reads. Without a bound that counts replies
+    // until they are written, the server would keep them all in memory.
+    let non_readers: Vec<UnixStream> = (0..NON_READERS)
+        .map(|_| {
+            let mut stream = connect(&socket);
+            assert_eq!(attach(&mut stream), REP_ACK);
+            let mut bytes = Vec::new();
+            for k in 0..NON_READER_REQUESTS {
+                bytes.extend_from_slice(&request(CMD_READ, k, (k % 2) << 25, 32 << 20));
+            }
+            stream.write_all(&bytes).unwrap();
+            stream
+        })
+        .collect();
+    let opened = baseline.fds + 1 + (STALLED_PER_KIND + NON_READERS) as u64;
+
+    // Before the stall timeout, every connection is open.
+    thread::sleep(Duration::from_secs(STALL_TIMEOUT_SECS) / 2);
+    let before = usage(pid);
+    assert!(
+        started.elapsed() < Duration::from_secs(STALL_TIMEOUT_SECS),
+        "attaching the clients took longer than the stall timeout"
+    );
+    assert!(
+        before.fds >= opened,
+        "connections were closed before the stall timeout: {before:?}, expected {opened} fds"
+    );
+
+    // After it, the server has closed the stalled and non-reading clients, and only the
+    // idle one is left.
+    let after = wait_for_fds(pid, baseline.fds + 1, Duration::from_secs(STALL_TIMEOUT_SECS + 20));
+    stop_sampling.store(true, Ordering::Relaxed);
+    let peak_rss_kib = peak_rss.join().unwrap();
+    eprintln!("after the stall timeout ({:?}): {after:?}; peak RSS {peak_rss_kib} KiB", started.elapsed());
+    assert_eq!(
+        after.fds,
+        baseline.fds + 1,
+        "stalled clients were not closed {} s after the stall timeout: {after:?}",
+        20
+    );
+    // Replies in flight are bounded by the server-wide budget. On top of that, the buffer
+    // pool keeps up to 64 MiB of freed buffers, and the io_uring region is 32 MiB.
+    let growth_mib = peak_rss_kib.saturating_sub(baseline.rss_kib) >> 10;
+    assert!(
+        growth_mib <= TOTAL_IN_FLIGHT_MIB + 64 + 32 + 64,
+        "RSS grew by {growth_mib} MiB with {NON_READERS} clients not reading 32 MiB replies \
+         under a {TOTAL_IN_FLIGHT_MIB} MiB server-wide bound"
+    );
+    for mut stream in stalled_payloads.into_iter().chain(non_readers) {
+        assert!(is_closed_by_server(&mut stream, Duration::from_secs(10)), "a stalled client is still open");
+    }
+
+    // The idle client still works, and so does a new one.
+    idle.write_all(&request(CMD_READ, 1, 0, 4096)).unwrap();
+    let mut reply = [0u8; 16];
+    idle.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "read on the idle connection failed");
+    check_normal_client(&socket);
+    let status = server.stop();
+    assert!(status.success(), "nbdcrypt serve exited with {status}");
 }

@@ -72,6 +72,11 @@ pub struct ServerConfig {
     pub max_connections_per_export: Option<usize>,
     /// Bytes of request payloads and read replies in flight per connection.
     pub max_in_flight_bytes: Option<u32>,
+    /// Bytes of request payloads and read replies in flight across all connections.
+    pub max_total_in_flight_bytes: Option<u64>,
+    /// Seconds a client may make no progress inside a write payload or while a reply is
+    /// written to it before it is disconnected.
+    pub stall_timeout_secs: Option<u64>,
     /// Largest READ or WRITE payload advertised, in bytes (at most 32 MiB).
     pub max_payload: Option<u32>,
     /// I/O backend of every export: "uring" or "threads"; by default io_uring when the

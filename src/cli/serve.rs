@@ -124,6 +124,15 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     if let Some(bytes) = server.max_in_flight_bytes {
         limits.transmission.max_in_flight_bytes = bytes;
     }
+    if let Some(bytes) = server.max_total_in_flight_bytes {
+        limits.transmission.set_max_total_in_flight_bytes(bytes);
+    }
+    if let Some(secs) = server.stall_timeout_secs {
+        if secs == 0 {
+            bail!("[server] stall_timeout_secs must be at least 1");
+        }
+        limits.transmission.stall_timeout = Duration::from_secs(secs);
+    }
     if let Some(bytes) = server.max_payload {
         if !(4096..=crate::engine::MAX_PAYLOAD).contains(&bytes) {
             bail!("[server] max_payload {bytes} is outside 4096..=33554432");

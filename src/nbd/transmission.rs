@@ -3,14 +3,25 @@
 //! structured replies get READ data as data and hole chunks, BLOCK_STATUS, and errors as
 //! error chunks with a message; the others get simple replies.
 //!
-//! A request's bytes count against the connection's in-flight budget from the moment its
-//! header is read until its reply is queued, so a client that sends faster than the disk
-//! absorbs is slowed by TCP backpressure instead of growing server memory.
+//! A request's bytes count against the connection's in-flight budget and the server's
+//! shared budget from the moment its header is read until its reply has been written to the
+//! socket. A client that sends faster than the disk absorbs, or reads replies slower than
+//! the server produces them, is slowed by TCP backpressure instead of growing server memory.
+//!
+//! Idle connections may stay open indefinitely, but a client that stops in the middle of a
+//! write payload, or stops reading while a reply is being written, is disconnected once it
+//! has made no progress for the stall timeout.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context as TaskContext, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, warn, Instrument};
 
 use super::consts::*;
@@ -25,18 +36,62 @@ const REQUEST_HEADER_LEN: usize = 28;
 /// Granularity of the in-flight budget: one permit per 4 KiB, at least one per request.
 const BUDGET_UNIT: u32 = 4096;
 
-/// Bounds of one connection in the transmission phase.
+/// Default bound on the bytes in flight across all connections of a server.
+pub const DEFAULT_MAX_TOTAL_IN_FLIGHT_BYTES: u64 = 1 << 30;
+
+/// Default time a client may make no progress inside a write payload or while a reply is
+/// written to it.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bounds of the transmission phase. Clones share one server-wide budget.
 #[derive(Debug, Clone)]
 pub struct TransmissionLimits {
     /// Bytes of request payloads and read replies in flight per connection.
     pub max_in_flight_bytes: u32,
+    /// Time without progress after which a client stalled inside a write payload, or one
+    /// that does not read a reply being written, is disconnected.
+    pub stall_timeout: Duration,
+    /// Permits of [`BUDGET_UNIT`] bytes shared by every connection of the server.
+    server_budget: Arc<Semaphore>,
+    server_budget_units: u32,
+}
+
+impl TransmissionLimits {
+    /// Sets the bound on bytes in flight across all connections that share these limits.
+    /// Values below two maximum-size requests are raised to that.
+    pub fn set_max_total_in_flight_bytes(&mut self, bytes: u64) {
+        let units = bytes
+            .div_ceil(u64::from(BUDGET_UNIT))
+            .clamp(u64::from(2 * MAX_PAYLOAD / BUDGET_UNIT), u64::from(u32::MAX >> 3))
+            as u32;
+        self.server_budget = Arc::new(Semaphore::new(units as usize));
+        self.server_budget_units = units;
+    }
+
+    /// Returns the bound on bytes in flight across all connections.
+    pub fn max_total_in_flight_bytes(&self) -> u64 {
+        u64::from(self.server_budget_units) * u64::from(BUDGET_UNIT)
+    }
 }
 
 impl Default for TransmissionLimits {
     fn default() -> Self {
-        // Two maximum-size requests, so a 32 MiB request never waits for itself.
-        TransmissionLimits { max_in_flight_bytes: 2 * MAX_PAYLOAD }
+        let mut limits = TransmissionLimits {
+            // Two maximum-size requests, so a 32 MiB request never waits for itself.
+            max_in_flight_bytes: 2 * MAX_PAYLOAD,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            server_budget: Arc::new(Semaphore::new(0)),
+            server_budget_units: 0,
+        };
+        limits.set_max_total_in_flight_bytes(DEFAULT_MAX_TOTAL_IN_FLIGHT_BYTES);
+        limits
     }
+}
+
+/// Permits that a request keeps until its reply is written or dropped.
+struct Permits {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
 }
 
 /// A reply ready to be written. Read data stays in the buffer it was decrypted in.
@@ -94,14 +149,19 @@ where
     let context = Arc::new(Context { export, structured_replies, base_allocation, max_payload });
     let budget_permits = limits.max_in_flight_bytes.div_ceil(BUDGET_UNIT).max(1);
     let budget = Arc::new(Semaphore::new(budget_permits as usize));
-    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<Reply>();
+    // Replies carry their permits: a reply's memory counts until it has been written.
+    let (reply_tx, reply_rx) = mpsc::unbounded_channel::<(Reply, Permits)>();
+    let writer = StallGuard::new(writer, limits.stall_timeout);
     let writer_task = tokio::spawn(write_replies(writer, reply_rx));
 
     let result = loop {
         let mut header = [0u8; REQUEST_HEADER_LEN];
+        // The reply writer ends only when the client stopped reading or hung up; its error
+        // is reported below.
         let read = tokio::select! {
             read = reader.read_exact(&mut header) => read,
             _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
+            _ = reply_tx.closed() => break Ok(()),
         };
         if let Err(e) = read {
             break match eof_is_disconnect(e) {
@@ -121,10 +181,21 @@ where
         // Budget: reads reserve their reply size, writes their payload.
         let carries_bytes = matches!(request.command, CMD_READ | CMD_WRITE) && request.len <= MAX_PAYLOAD;
         let units = if carries_bytes { request.len.div_ceil(BUDGET_UNIT).max(1) } else { 1 };
-        let permit = Arc::clone(&budget)
-            .acquire_many_owned(units.min(budget_permits))
-            .await
-            .expect("the budget semaphore is never closed");
+        let reserve = async {
+            let connection = Arc::clone(&budget)
+                .acquire_many_owned(units.min(budget_permits))
+                .await
+                .expect("the budget semaphore is never closed");
+            let server = Arc::clone(&limits.server_budget)
+                .acquire_many_owned(units.min(limits.server_budget_units))
+                .await
+                .expect("the budget semaphore is never closed");
+            Permits { _connection: connection, _server: server }
+        };
+        let permits = tokio::select! {
+            permits = reserve => permits,
+            _ = reply_tx.closed() => break Ok(()),
+        };
 
         let mut payload = None;
         if request.command == CMD_WRITE {
@@ -138,17 +209,10 @@ where
             let read = if request.len > context.max_payload {
                 // Above the advertised maximum but within 32 MiB: consume and reject it, so
                 // the connection stays usable.
-                let skipped =
-                    tokio::io::copy(&mut (&mut reader).take(u64::from(request.len)), &mut tokio::io::sink())
-                        .await;
-                match skipped {
-                    Ok(n) if n == u64::from(request.len) => Ok(()),
-                    Ok(_) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-                    Err(e) => Err(e),
-                }
+                skip_payload(&mut reader, request.len as usize, limits.stall_timeout).await
             } else {
                 let buffer = payload.insert(context.export.buffer_pool().take(request.len as usize));
-                reader.read_exact(buffer).await.map(|_| ())
+                read_payload(&mut reader, buffer, limits.stall_timeout).await
             };
             if let Err(e) = read {
                 // A client that vanishes mid-payload gets nothing written.
@@ -171,9 +235,9 @@ where
         tokio::spawn(
             async move {
                 let reply = execute(&context, &request, payload).await;
-                // The writer may be gone if the client disconnected; the work is done anyway.
-                let _ = reply_tx.send(reply);
-                drop(permit);
+                // The writer may be gone if the client disconnected; the work is done anyway,
+                // and the reply and its permits are dropped here.
+                let _ = reply_tx.send((reply, permits));
             }
             .instrument(span),
         );
@@ -182,13 +246,20 @@ where
     // Wait for every request already read: each holds at least one permit until answered.
     let _all = budget.acquire_many(budget_permits).await.expect("the budget semaphore is never closed");
     drop(reply_tx);
-    match writer_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!(error = %e, "writing replies stopped"),
-        Err(e) => warn!(error = %e, "reply writer task failed"),
-    }
+    let written = writer_task.await;
     drop(attach_guard);
-    result
+    match written {
+        Ok(Ok(())) => result,
+        // A failed reply write is the connection's error unless reading failed first.
+        Ok(Err(e)) => result.and_then(|()| match eof_is_disconnect(e) {
+            NbdError::Disconnected => Ok(()),
+            other => Err(other),
+        }),
+        Err(e) => {
+            warn!(error = %e, "reply writer task failed");
+            result
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -379,20 +450,115 @@ fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -
     Reply::Structured { cookie: request.cookie, chunks: vec![chunk], data: None }
 }
 
-/// Writes replies in the order they complete, flushing when no more are queued.
+/// Writes replies in the order they complete, flushing when no more are queued. Each
+/// reply's permits are released once its bytes are in the socket or the write buffer.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut replies: mpsc::UnboundedReceiver<Reply>,
+    mut replies: mpsc::UnboundedReceiver<(Reply, Permits)>,
 ) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(reply) = replies.recv().await {
+    while let Some((reply, permits)) = replies.recv().await {
         write_one(&mut writer, &reply).await?;
-        while let Ok(reply) = replies.try_recv() {
+        drop((reply, permits));
+        while let Ok((reply, permits)) = replies.try_recv() {
             write_one(&mut writer, &reply).await?;
+            drop((reply, permits));
         }
         writer.flush().await?;
     }
     writer.shutdown().await
+}
+
+/// Reads a write payload into `buffer`, failing when no byte arrives for `stall`.
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: &mut [u8],
+    stall: Duration,
+) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        filled += read_some(reader, &mut buffer[filled..], stall).await?;
+    }
+    Ok(())
+}
+
+/// Reads and discards a `len`-byte payload, failing when no byte arrives for `stall`.
+async fn skip_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut len: usize,
+    stall: Duration,
+) -> io::Result<()> {
+    let mut scratch = vec![0u8; len.min(64 * 1024)];
+    while len > 0 {
+        let want = len.min(scratch.len());
+        len -= read_some(reader, &mut scratch[..want], stall).await?;
+    }
+    Ok(())
+}
+
+/// Reads at least one byte. End of file is an error, because a payload was promised.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buffer: &mut [u8],
+    stall: Duration,
+) -> io::Result<usize> {
+    match tokio::time::timeout(stall, reader.read(buffer)).await {
+        Ok(Ok(0)) => Err(io::ErrorKind::UnexpectedEof.into()),
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("client sent no payload bytes for {} s", stall.as_secs()),
+        )),
+    }
+}
+
+/// A writer that fails with `TimedOut` when a write, flush or shutdown stays pending for
+/// longer than its limit, that is, when the client stops reading.
+struct StallGuard<W> {
+    inner: W,
+    limit: Duration,
+    timer: Pin<Box<Sleep>>,
+    waiting: bool,
+}
+
+impl<W> StallGuard<W> {
+    fn new(inner: W, limit: Duration) -> Self {
+        StallGuard { inner, limit, timer: Box::pin(tokio::time::sleep(limit)), waiting: false }
+    }
+
+    /// Passes a ready result through; on pending, starts the timer or checks it.
+    fn check<T>(&mut self, cx: &mut TaskContext<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.waiting = false;
+            return poll;
+        }
+        if !self.waiting {
+            self.waiting = true;
+            self.timer.as_mut().reset(Instant::now() + self.limit);
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("client read no reply bytes for {} s", self.limit.as_secs()),
+        )))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for StallGuard<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, poll)
+    }
 }
 
 async fn write_one<W: AsyncWrite + Unpin>(writer: &mut BufWriter<W>, reply: &Reply) -> std::io::Result<()> {
