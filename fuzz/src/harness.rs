@@ -26,7 +26,7 @@ pub const EXPORT_NAME: &str = "disk";
 /// to choose from.
 pub const READ_ONLY_EXPORT_NAME: &str = "ro";
 /// Size of each in-memory export in bytes.
-pub const EXPORT_SIZE: u64 = 1 << 20;
+pub const EXPORT_SIZE: u64 = 256 << 10;
 const DATA_OFFSET: u64 = 4096;
 
 /// NBD_OPT_STRUCTURED_REPLY and NBD_OPT_SET_META_CONTEXT (NBD `doc/proto.md`), spelled out
@@ -147,7 +147,7 @@ impl Default for ConnectionHarness {
 }
 
 fn memory_export(name: &str, read_only: bool) -> Arc<Export> {
-    let backend = Arc::new(MemoryBackend::new((DATA_OFFSET + EXPORT_SIZE) as usize));
+    let backend = Arc::new(MemoryBackend::new_inline((DATA_OFFSET + EXPORT_SIZE) as usize));
     let key = VolumeKey::generate().unwrap();
     let options = ExportOptions { name: name.into(), description: "fuzz".into(), discard: true, read_only };
     Arc::new(Export::new(

@@ -9,12 +9,20 @@ use super::{Backend, ZeroMode};
 #[derive(Debug)]
 pub struct MemoryBackend {
     bytes: Mutex<Vec<u8>>,
+    inline: bool,
 }
 
 impl MemoryBackend {
-    /// Creates a zero-filled store of `len` bytes.
+    /// Creates a zero-filled store of `len` bytes whose calls the engine runs on tokio's
+    /// blocking pool, like a file's.
     pub fn new(len: usize) -> Self {
-        MemoryBackend { bytes: Mutex::new(vec![0u8; len]) }
+        MemoryBackend { bytes: Mutex::new(vec![0u8; len]), inline: false }
+    }
+
+    /// Creates a zero-filled store of `len` bytes whose calls the engine makes on the
+    /// runtime thread. The fuzz harness uses it so that a connection runs on one thread.
+    pub fn new_inline(len: usize) -> Self {
+        MemoryBackend { bytes: Mutex::new(vec![0u8; len]), inline: true }
     }
 
     /// Returns a copy of the stored bytes in `range`, for tests that inspect ciphertext.
@@ -49,6 +57,10 @@ fn out_of_range() -> io::Error {
 impl Backend for MemoryBackend {
     fn len_bytes(&self) -> u64 {
         self.lock().len() as u64
+    }
+
+    fn never_blocks(&self) -> bool {
+        self.inline
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -100,6 +100,12 @@ pub trait Backend: Send + Sync + 'static {
     fn uring(&self) -> Option<&UringBackend> {
         None
     }
+
+    /// Returns true when every call returns without waiting for I/O, so the engine may make
+    /// it on the runtime thread instead of tokio's blocking pool.
+    fn never_blocks(&self) -> bool {
+        false
+    }
 }
 
 /// How [`Backend::write_zeroes`] may zero a range.

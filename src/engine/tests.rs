@@ -203,3 +203,16 @@ proptest! {
         });
     }
 }
+
+#[test]
+fn is_all_zero_finds_any_set_byte() {
+    for len in [0usize, 1, 7, 8, 63, 64, 65, 512, 4096, 4100] {
+        let zeros = vec![0u8; len];
+        assert!(super::is_all_zero(&zeros), "{len} zero bytes");
+        for position in 0..len {
+            let mut bytes = zeros.clone();
+            bytes[position] = 0x80;
+            assert!(!super::is_all_zero(&bytes), "byte {position} of {len} is set");
+        }
+    }
+}
