@@ -445,3 +445,78 @@ os.write(fd, key)
     ]));
     assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
 }
+
+/// Overwrites `len` bytes at `offset` of `path` with 0x5a.
+fn damage(path: &std::path::Path, offset: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&vec![0x5a; len], offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+fn header_state(volume: &std::path::Path) -> (bool, u64) {
+    let info = run(Command::new(BIN).args(["info", "--json", volume.to_str().unwrap()]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    (info["header_needs_repair"].as_bool().unwrap(), info["seqid"].as_u64().unwrap())
+}
+
+#[test]
+fn repair_rewrites_a_damaged_header_copy() {
+    require_tool("cryptsetup");
+    let ws = Workspace::new();
+    let volume = ws.create_volume("repair.img", "16M", &[]);
+    let path = volume.to_str().unwrap();
+    let server = ws.serve(&["--name", "disk", path]);
+    run(debian_tool("nbdsh").args(["-u", &server.uri("disk"), "-c", "h.pwrite(b'survives' * 512, 65536)"]));
+    assert!(server.stop().success());
+
+    // A copy that is valid and current needs no repair.
+    let output = run(Command::new(BIN).args(["repair", path]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("nothing to repair"));
+
+    // Damage the primary copy's JSON area; the secondary copy still opens the volume.
+    damage(&volume, 4096 + 100, 64);
+    let (damaged, seqid) = header_state(&volume);
+    assert!(damaged, "info does not report the damaged primary copy");
+    let text = run(Command::new(BIN).args(["info", path]));
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("nbdcrypt repair"),
+        "info does not suggest repair"
+    );
+
+    // repair takes the same lock as serve, so it cannot rewrite a served volume.
+    let server = ws.serve(&["--name", "disk", path]);
+    let locked = ws.nbdcrypt(&["repair", path]);
+    assert!(!locked.status.success(), "repair rewrote the header of a served volume");
+    assert!(String::from_utf8_lossy(&locked.stderr).contains("locked by another process"));
+    assert!(server.stop().success());
+
+    let output = run(Command::new(BIN).args(["repair", path]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("rewrote both header copies"));
+    let (damaged, repaired_seqid) = header_state(&volume);
+    assert!(!damaged, "a header copy is still damaged after repair");
+    assert_eq!(repaired_seqid, seqid + 1);
+    run(Command::new("cryptsetup").args(["isLuks", path]));
+    let dump = run(Command::new("cryptsetup").args(["luksDump", path]));
+    assert!(String::from_utf8_lossy(&dump.stdout).contains("nbdcrypt-kms"));
+
+    // The data written before the damage reads back.
+    let server = ws.serve(&["--name", "disk", path]);
+    let output = run(debian_tool("nbdsh").args([
+        "-u",
+        &server.uri("disk"),
+        "-c",
+        "assert h.pread(4096, 65536) == b'survives' * 512\nprint('OK')",
+    ]));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+    assert!(server.stop().success());
+
+    // With both copies damaged there is nothing to repair from, and nothing is written.
+    damage(&volume, 4096 + 100, 64);
+    damage(&volume, 16384 + 4096 + 100, 64);
+    let before = fs::read(&volume).unwrap();
+    let failed = ws.nbdcrypt(&["repair", path]);
+    assert!(!failed.status.success(), "repair succeeded without a valid copy");
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("no valid header copy"));
+    assert!(fs::read(&volume).unwrap() == before, "a failed repair changed the volume");
+}

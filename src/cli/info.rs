@@ -69,6 +69,7 @@ pub async fn run(_cli: &Cli, args: &InfoArgs) -> Result<()> {
     }
     if header.needs_repair {
         println!("warning:       one header copy is damaged or stale; the other copy was used");
+        println!("               run `nbdcrypt repair {}` to rewrite it", args.volume.display());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ pub mod config;
 mod create;
 mod info;
 mod kms;
+mod repair;
 mod serve;
 
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Check the KMIP key providers: reachability, protocol version and latency per server.
     Kms(kms::KmsArgs),
+    /// Rewrite a damaged or stale LUKS2 header copy from the valid one.
+    Repair(repair::RepairArgs),
 }
 
 /// Runs the command line and returns the process exit code.
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
             Command::Serve(ref args) => serve::run(&cli, args).await,
             Command::Info(ref args) => info::run(&cli, args).await,
             Command::Kms(ref args) => kms::run(&cli, args).await,
+            Command::Repair(ref args) => repair::run(&cli, args).await,
         }
     });
     match result {

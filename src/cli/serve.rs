@@ -234,7 +234,10 @@ async fn open_export(
     })?;
     header.verify_volume_key(&volume_key)?;
     if header.needs_repair {
-        tracing::warn!(path = %config.path.display(), "one LUKS2 header copy is damaged or stale");
+        tracing::warn!(
+            path = %config.path.display(),
+            "one LUKS2 header copy is damaged or stale; stop serving it and run `nbdcrypt repair` to rewrite it"
+        );
     }
 
     let (data_offset, size) = header.data_area(file.len_bytes())?;

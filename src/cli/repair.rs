@@ -1,0 +1,54 @@
+//! `nbdcrypt repair`: rewrite both LUKS2 header copies from the one that is valid and newest.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::Cli;
+use crate::backend::FileBackend;
+use crate::volume::VolumeHeader;
+
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Volume file or block device. It must not be in use: repair takes the same exclusive
+    /// lock as `serve`.
+    pub volume: PathBuf,
+}
+
+pub async fn run(_cli: &Cli, args: &RepairArgs) -> Result<()> {
+    let path = &args.volume;
+    let backend =
+        FileBackend::open_exclusive(path).with_context(|| format!("opening {} failed", path.display()))?;
+    let mut header = VolumeHeader::read(backend.file())
+        .with_context(|| format!("{} has no valid header copy to repair from", path.display()))?;
+    if !header.needs_repair {
+        println!(
+            "{}: both header copies are valid and current (seqid {}); nothing to repair",
+            path.display(),
+            header.seqid
+        );
+        return Ok(());
+    }
+
+    let old_seqid = header.seqid;
+    header
+        .write(backend.file())
+        .with_context(|| format!("rewriting the headers of {} failed", path.display()))?;
+
+    // Read back: both copies must now be valid and current.
+    let reread = VolumeHeader::read(backend.file())
+        .with_context(|| format!("{} has no valid header after the rewrite", path.display()))?;
+    if reread.needs_repair {
+        anyhow::bail!(
+            "{}: a header copy is still damaged after the rewrite; the device may be failing",
+            path.display()
+        );
+    }
+    println!(
+        "{}: rewrote both header copies from the valid one (seqid {old_seqid} -> {})",
+        path.display(),
+        reread.seqid
+    );
+    Ok(())
+}
