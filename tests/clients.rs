@@ -520,3 +520,77 @@ fn repair_rewrites_a_damaged_header_copy() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("no valid header copy"));
     assert!(fs::read(&volume).unwrap() == before, "a failed repair changed the volume");
 }
+
+/// The access mode (`O_ACCMODE` bits of the open flags) of every descriptor of process
+/// `pid` that refers to `path`.
+fn access_modes(pid: u32, path: &std::path::Path) -> Vec<u32> {
+    let path = fs::canonicalize(path).unwrap();
+    let mut modes = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        if fs::read_link(entry.path()).ok().as_deref() != Some(path.as_path()) {
+            continue;
+        }
+        let fdinfo =
+            fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy()))
+                .unwrap();
+        let flags = fdinfo.lines().find_map(|line| line.strip_prefix("flags:")).unwrap().trim();
+        modes.push(u32::from_str_radix(flags, 8).unwrap() & libc::O_ACCMODE as u32);
+    }
+    modes
+}
+
+#[test]
+fn read_only_export_opens_the_file_read_only() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("ro.img", "16M", &[]);
+    let path = volume.to_str().unwrap();
+    let server = ws.serve(&["--name", "disk", path]);
+    run(debian_tool("nbdsh").args(["-u", &server.uri("disk"), "-c", "h.pwrite(b'kept' * 1024, 8192)"]));
+    assert!(server.stop().success());
+
+    let first = ws.serve(&["--read-only", "--name", "disk", path]);
+    let modes = access_modes(first.pid(), &volume);
+    assert!(!modes.is_empty(), "the server has no descriptor of the volume open");
+    assert!(
+        modes.iter().all(|&mode| mode == libc::O_RDONLY as u32),
+        "a read-only export opened its volume with access modes {modes:?}"
+    );
+
+    // Read-only servers share the volume; a read-write server is locked out.
+    let second = ws.serve_named("second", &["--read-only", "--name", "disk", path]);
+    let writer = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", path]);
+    assert!(!writer.status.success(), "a read-write server opened a volume served read-only");
+    assert!(String::from_utf8_lossy(&writer.stderr).contains("locked by another process"));
+
+    let output = run(debian_tool("nbdsh").args([
+        "-u",
+        &second.uri("disk"),
+        "-c",
+        "assert h.is_read_only()\n\
+         assert h.pread(4096, 8192) == b'kept' * 1024\n\
+         try:\n    h.pwrite(b'x' * 4096, 0)\n    print('WROTE')\nexcept nbd.Error:\n    print('REJECTED')",
+    ]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("REJECTED"), "a write to a read-only export was not rejected: {stdout}");
+    assert!(first.stop().success());
+    assert!(second.stop().success());
+}
+
+#[test]
+fn info_exits_cleanly_when_stdout_is_closed() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("pipe.img", "1M", &[]);
+    // A pipe whose read end is already closed, like `nbdcrypt info vol.img | true`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(BIN)
+        .args(["info", volume.to_str().unwrap()])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "info failed on a closed stdout: {}\n{stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "info panicked on a closed stdout: {stderr}");
+}

@@ -32,6 +32,7 @@ pub struct FileBackend {
     cache: CacheMode,
     len: u64,
     is_block_device: bool,
+    writable: bool,
 }
 
 impl FileBackend {
@@ -39,10 +40,21 @@ impl FileBackend {
     /// (`O_EXCL`) for a block device, an exclusive OFD lock for a regular file. Another
     /// nbdcrypt (or anything else taking the same locks) then fails to open it.
     pub fn open_exclusive(path: &Path) -> io::Result<Self> {
+        Self::open_locked(path, true)
+    }
+
+    /// Opens `path` read-only, for a read-only export. A block device is still opened with
+    /// `O_EXCL`; a regular file gets a shared OFD lock, so other read-only opens succeed and
+    /// read-write opens fail. Every write through the backend then fails with EBADF.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        Self::open_locked(path, false)
+    }
+
+    fn open_locked(path: &Path, writable: bool) -> io::Result<Self> {
         let metadata = std::fs::metadata(path)?;
         let is_block_device = metadata.file_type().is_block_device();
         let mut options = OpenOptions::new();
-        options.read(true).write(true);
+        options.read(true).write(writable);
         if is_block_device {
             options.custom_flags(libc::O_EXCL);
         }
@@ -57,11 +69,13 @@ impl FileBackend {
             }
         })?;
         if !is_block_device {
-            lock_file_exclusive(&file).map_err(|e| {
+            lock_file(&file, writable).map_err(|e| {
                 io::Error::new(e.kind(), format!("{} is locked by another process: {e}", path.display()))
             })?;
         }
-        Self::from_file(file)
+        let mut backend = Self::from_file(file)?;
+        backend.writable = writable;
+        Ok(backend)
     }
 
     /// Wraps an already opened file or block device without locking it.
@@ -69,7 +83,8 @@ impl FileBackend {
         let is_block_device = file.metadata()?.file_type().is_block_device();
         let len = if is_block_device { block_device_len(&file)? } else { file.metadata()?.len() };
         let data = file.try_clone()?;
-        Ok(FileBackend { file, data, cache: CacheMode::Writeback, len, is_block_device })
+        let writable = file_is_writable(&file)?;
+        Ok(FileBackend { file, data, cache: CacheMode::Writeback, len, is_block_device, writable })
     }
 
     /// Sends data reads and writes past the page cache (O_DIRECT) or back through it. The
@@ -87,7 +102,7 @@ impl FileBackend {
                 let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
                 let data = OpenOptions::new()
                     .read(true)
-                    .write(true)
+                    .write(self.writable)
                     .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
                     .open(path)?;
                 let mut probe = IoBuffer::zeroed(probe_len);
@@ -314,10 +329,12 @@ fn invalid(message: &str) -> io::Error {
 
 /// Takes an exclusive open file description lock on the whole file. OFD locks belong to the
 /// open file, not the process, so they also exclude other opens inside this process.
-fn lock_file_exclusive(file: &File) -> io::Result<()> {
+/// Takes an OFD lock on the whole file: exclusive (a write lock) when `exclusive`, else
+/// shared (a read lock).
+fn lock_file(file: &File, exclusive: bool) -> io::Result<()> {
     // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_type = (if exclusive { libc::F_WRLCK } else { libc::F_RDLCK }) as libc::c_short;
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = 0;
     lock.l_len = 0;
@@ -329,6 +346,16 @@ fn lock_file_exclusive(file: &File) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Returns whether `file` was opened with write access.
+fn file_is_writable(file: &File) -> io::Result<bool> {
+    // SAFETY: F_GETFL takes no argument and only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
 /// Returns the size in bytes of a block device.

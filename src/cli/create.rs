@@ -92,12 +92,12 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
         wipe(&backend, &volume_key, sector_size, data_offset, data_len)?;
     }
 
-    println!("created {}", args.volume.display());
-    println!("uuid:          {}", header.uuid);
-    println!("export size:   {data_len} bytes ({})", human_bytes(data_len));
-    println!("sector size:   {}", sector_size.bytes());
-    println!("key provider:  {}", provider.name());
-    println!("key id:        {key_id}");
+    outln!("created {}", args.volume.display());
+    outln!("uuid:          {}", header.uuid);
+    outln!("export size:   {data_len} bytes ({})", human_bytes(data_len));
+    outln!("sector size:   {}", sector_size.bytes());
+    outln!("key provider:  {}", provider.name());
+    outln!("key id:        {key_id}");
     Ok(())
 }
 

@@ -47,29 +47,29 @@ pub async fn run(_cli: &Cli, args: &InfoArgs) -> Result<()> {
         "wrap_alg": token.map(|t| t.wrap_alg.as_str()),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
 
-    println!("path:          {}", args.volume.display());
-    println!("format:        LUKS2");
-    println!("uuid:          {}", header.uuid);
-    println!("device size:   {device_len} bytes");
-    println!("data offset:   {data_offset} bytes");
-    println!("export size:   {data_len} bytes ({})", human_bytes(data_len));
-    println!("sector size:   {}", segment.sector_size.bytes());
-    println!("cipher:        {CIPHER}, 512-bit key");
+    outln!("path:          {}", args.volume.display());
+    outln!("format:        LUKS2");
+    outln!("uuid:          {}", header.uuid);
+    outln!("device size:   {device_len} bytes");
+    outln!("data offset:   {data_offset} bytes");
+    outln!("export size:   {data_len} bytes ({})", human_bytes(data_len));
+    outln!("sector size:   {}", segment.sector_size.bytes());
+    outln!("cipher:        {CIPHER}, 512-bit key");
     match token {
         Some(token) => {
-            println!("key provider:  {}", token.key_provider);
-            println!("key id:        {}", token.key_id);
-            println!("key wrap:      {}", token.wrap_alg.as_str());
+            outln!("key provider:  {}", token.key_provider);
+            outln!("key id:        {}", token.key_id);
+            outln!("key wrap:      {}", token.wrap_alg.as_str());
         }
-        None => println!("key provider:  none (no nbdcrypt-kms token; a cryptsetup volume)"),
+        None => outln!("key provider:  none (no nbdcrypt-kms token; a cryptsetup volume)"),
     }
     if header.needs_repair {
-        println!("warning:       one header copy is damaged or stale; the other copy was used");
-        println!("               run `nbdcrypt repair {}` to rewrite it", args.volume.display());
+        outln!("warning:       one header copy is damaged or stale; the other copy was used");
+        outln!("               run `nbdcrypt repair {}` to rewrite it", args.volume.display());
     }
     Ok(())
 }

@@ -39,10 +39,10 @@ pub async fn run(cli: &Cli, args: &KmsArgs) -> Result<()> {
 
     let mut unreachable = 0;
     for (name, provider) in selected {
-        println!("key provider {name}:");
+        outln!("key provider {name}:");
         for report in provider.check().await {
             match report.result {
-                Ok(info) => println!(
+                Ok(info) => outln!(
                     "  {}  reachable  KMIP {}  {} ms  {} operations  {}",
                     report.address,
                     info.version,
@@ -52,7 +52,7 @@ pub async fn run(cli: &Cli, args: &KmsArgs) -> Result<()> {
                 ),
                 Err(error) => {
                     unreachable += 1;
-                    println!("  {}  unreachable  {error}", report.address);
+                    outln!("  {}  unreachable  {error}", report.address);
                 }
             }
         }

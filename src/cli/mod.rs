@@ -1,5 +1,14 @@
 //! The `nbdcrypt` command line.
 
+/// Writes a formatted line to standard output like `println!`, but returns an error instead
+/// of panicking when the write fails, and succeeds quietly when the reader closed the pipe
+/// (`nbdcrypt info vol.img | head -1`).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 pub mod config;
 mod create;
 mod info;
@@ -93,4 +102,13 @@ fn init_logging(filter: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// Writes `text` to standard output; a closed pipe counts as success.
+pub(crate) fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result,
+    }
 }

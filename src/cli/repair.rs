@@ -23,7 +23,7 @@ pub async fn run(_cli: &Cli, args: &RepairArgs) -> Result<()> {
     let mut header = VolumeHeader::read(backend.file())
         .with_context(|| format!("{} has no valid header copy to repair from", path.display()))?;
     if !header.needs_repair {
-        println!(
+        outln!(
             "{}: both header copies are valid and current (seqid {}); nothing to repair",
             path.display(),
             header.seqid
@@ -45,7 +45,7 @@ pub async fn run(_cli: &Cli, args: &RepairArgs) -> Result<()> {
             path.display()
         );
     }
-    println!(
+    outln!(
         "{}: rewrote both header copies from the valid one (seqid {old_seqid} -> {})",
         path.display(),
         reread.seqid

@@ -94,7 +94,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     let mut listeners = Vec::new();
     for address in &addresses {
         let listener =
-            Listener::bind(address).await.with_context(|| format!("listening on {address:?} failed"))?;
+            Listener::bind(address).await.with_context(|| format!("listening on {address} failed"))?;
         match (&listener, address) {
             (_, ListenAddr::Unix(path)) => info!(socket = %path.display(), "listening"),
             (listener, ListenAddr::Tcp(_)) => {
@@ -222,8 +222,14 @@ async fn open_export(
         bail!("export name is longer than 4096 bytes or contains NUL");
     }
 
-    let mut file = FileBackend::open_exclusive(&config.path)
-        .with_context(|| format!("opening {} failed", config.path.display()))?;
+    // A read-only export opens its store read-only, so it works on files without write
+    // permission and can never write to them.
+    let opened = if config.read_only {
+        FileBackend::open_read_only(&config.path)
+    } else {
+        FileBackend::open_exclusive(&config.path)
+    };
+    let mut file = opened.with_context(|| format!("opening {} failed", config.path.display()))?;
     let header = VolumeHeader::read(file.file())?;
     let token = header.kms_token()?;
     let provider = providers.get(Some(&token.key_provider))?;

@@ -51,6 +51,15 @@ pub enum ListenAddr {
     Unix(PathBuf),
 }
 
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(address) => write!(f, "{address}"),
+            ListenAddr::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
 /// A bound listener, ready to accept.
 pub enum Listener {
     Tcp(TcpListener),
@@ -253,6 +262,13 @@ pub async fn handle_connection<S>(
         }
         Err(NbdError::Disconnected) => {
             debug!("client disconnected during the handshake");
+            return;
+        }
+        // A client that hangs up before reading the greeting, such as a liveness probe.
+        Err(NbdError::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) =>
+        {
+            debug!(error = %e, "client disconnected during the handshake");
             return;
         }
         Err(e) => {

@@ -76,7 +76,13 @@ impl Workspace {
 
     /// Starts `nbdcrypt serve` on a unix socket in the workspace.
     pub fn serve(&self, args: &[&str]) -> Server {
-        Server::start(self, args)
+        Server::start(self, "nbd", args)
+    }
+
+    /// Starts a second server beside the one `serve` starts, with socket `NAME.sock` and log
+    /// `NAME.log`.
+    pub fn serve_named(&self, name: &str, args: &[&str]) -> Server {
+        Server::start(self, name, args)
     }
 }
 
@@ -88,9 +94,9 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(workspace: &Workspace, args: &[&str]) -> Server {
-        let socket = workspace.path("nbd.sock");
-        let log = workspace.path("serve.log");
+    fn start(workspace: &Workspace, name: &str, args: &[&str]) -> Server {
+        let socket = workspace.path(&format!("{name}.sock"));
+        let log = workspace.path(&format!("{name}.log"));
         let log_file = fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .arg("--keystore")
