@@ -594,3 +594,56 @@ fn info_exits_cleanly_when_stdout_is_closed() {
     assert!(output.status.success(), "info failed on a closed stdout: {}\n{stderr}", output.status);
     assert!(!stderr.contains("panicked"), "info panicked on a closed stdout: {stderr}");
 }
+
+#[test]
+fn failed_create_leaves_no_file_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    ws.create_volume("first.img", "1M", &[]);
+
+    // A size beyond the largest file is rejected before anything is created.
+    let huge = ws.path("huge.img");
+    let output = ws.nbdcrypt(&["create", huge.to_str().unwrap(), "--size", "9999999T"]);
+    assert!(!output.status.success(), "create accepted a 9999999T volume");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("too large"));
+    assert!(!huge.exists(), "a rejected create left {} behind", huge.display());
+
+    // A keystore with loose permissions fails after the file was made; the file goes away.
+    fs::set_permissions(ws.keystore(), fs::Permissions::from_mode(0o755)).unwrap();
+    let second = ws.path("second.img");
+    let output = ws.nbdcrypt(&["create", second.to_str().unwrap(), "--size", "16M"]);
+    assert!(!output.status.success(), "create succeeded with a 0755 keystore");
+    assert!(!second.exists(), "a failed create left {} behind", second.display());
+
+    // After the keystore is fixed, the same command works without --force.
+    fs::set_permissions(ws.keystore(), fs::Permissions::from_mode(0o700)).unwrap();
+    ws.create_volume("second.img", "16M", &[]);
+}
+
+#[test]
+fn serve_rejects_limits_that_refuse_every_client() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("limits.img", "1M", &[]);
+    let cases = [
+        ("max_connections = 0", "max_connections must be at least 1"),
+        ("max_connections_per_export = 0", "max_connections_per_export must be at least 1"),
+        ("max_options = 0", "max_options must be at least 1"),
+        ("stall_timeout_secs = 0", "stall_timeout_secs must be at least 1"),
+        ("max_total_in_flight_bytes = 1000", "max_total_in_flight_bytes 1000 is below"),
+    ];
+    for (line, expected) in cases {
+        let config = ws.path("limits.toml");
+        fs::write(&config, format!("[server]\n{line}\n")).unwrap();
+        let output = ws.nbdcrypt(&[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--unix",
+            ws.path("limits.sock").to_str().unwrap(),
+            volume.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "serve started with `{line}`");
+        assert!(stderr.contains(expected), "`{line}` gave: {stderr}");
+    }
+}

@@ -145,7 +145,7 @@ impl Providers {
                     let dir = keystore
                         .map(Path::to_path_buf)
                         .or_else(|| path.clone())
-                        .unwrap_or_else(LocalKeystore::default_dir);
+                        .map_or_else(LocalKeystore::default_dir, Ok)?;
                     providers.insert(name.clone(), Arc::new(LocalKeystore::new(name.clone(), dir)));
                 }
                 ProviderConfig::Kmip(settings) => {
@@ -156,7 +156,7 @@ impl Providers {
             }
         }
         if !providers.contains_key(DEFAULT_PROVIDER) && config.key_providers.is_empty() {
-            let dir = keystore.map(Path::to_path_buf).unwrap_or_else(LocalKeystore::default_dir);
+            let dir = keystore.map(Path::to_path_buf).map_or_else(LocalKeystore::default_dir, Ok)?;
             providers
                 .insert(DEFAULT_PROVIDER.to_string(), Arc::new(LocalKeystore::new(DEFAULT_PROVIDER, dir)));
         }

@@ -15,7 +15,11 @@ use super::Cli;
 use crate::backend::{Backend, FileBackend, ZeroMode};
 use crate::crypto::{SectorCipher, SectorSize, VolumeKey};
 use crate::engine::{Export, ExportOptions};
+use crate::keys::KeyProvider;
 use crate::volume::{KmsToken, VolumeHeader, DATA_OFFSET};
+
+/// Largest regular file Linux allows (the file offset is a signed 64-bit value).
+const MAX_FILE_BYTES: u64 = i64::MAX as u64;
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -59,8 +63,38 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
         if size < sector_size.len_u64() {
             bail!("size {size} is smaller than one {}-byte sector", sector_size.bytes());
         }
+        if size > MAX_FILE_BYTES - DATA_OFFSET - sector_size.len_u64() {
+            bail!("size {size} is too large: a file holds at most {MAX_FILE_BYTES} bytes, including the 16 MiB header area");
+        }
     }
 
+    let created_file = !args.volume.exists();
+    let result = format_volume(args, &*provider, requested, sector_size).await;
+    if result.is_err() && created_file {
+        // Leave nothing behind: a half-made volume would need --force the next time.
+        if let Err(e) = std::fs::remove_file(&args.volume) {
+            tracing::warn!(path = %args.volume.display(), error = %e, "removing the unfinished volume file failed");
+        }
+    }
+    let (header, data_len, key_id) = result?;
+
+    outln!("created {}", args.volume.display());
+    outln!("uuid:          {}", header.uuid);
+    outln!("export size:   {data_len} bytes ({})", human_bytes(data_len));
+    outln!("sector size:   {}", sector_size.bytes());
+    outln!("key provider:  {}", provider.name());
+    outln!("key id:        {key_id}");
+    Ok(())
+}
+
+/// Sizes the backing store, creates the key-encryption key and writes the header.
+/// Returns the header, the export size and the key id.
+async fn format_volume(
+    args: &CreateArgs,
+    provider: &dyn KeyProvider,
+    requested: Option<u64>,
+    sector_size: SectorSize,
+) -> Result<(VolumeHeader, u64, String)> {
     let (backend, segment_size) = prepare_backing_store(&args.volume, requested, sector_size, args.force)?;
     let backend = Arc::new(backend);
 
@@ -91,14 +125,7 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
     if args.wipe {
         wipe(&backend, &volume_key, sector_size, data_offset, data_len)?;
     }
-
-    outln!("created {}", args.volume.display());
-    outln!("uuid:          {}", header.uuid);
-    outln!("export size:   {data_len} bytes ({})", human_bytes(data_len));
-    outln!("sector size:   {}", sector_size.bytes());
-    outln!("key provider:  {}", provider.name());
-    outln!("key id:        {key_id}");
-    Ok(())
+    Ok((header, data_len, key_id))
 }
 
 /// Opens or creates the backing store, checks it is safe to overwrite, and sizes it.

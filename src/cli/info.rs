@@ -18,7 +18,9 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-pub async fn run(_cli: &Cli, args: &InfoArgs) -> Result<()> {
+pub async fn run(cli: &Cli, args: &InfoArgs) -> Result<()> {
+    // info needs no configuration, but a named file that is missing or invalid is still an error.
+    super::config::Config::load(cli.config.as_deref())?;
     let file = std::fs::File::open(&args.volume)
         .with_context(|| format!("opening {} failed", args.volume.display()))?;
     let backend = FileBackend::from_file(file)?;

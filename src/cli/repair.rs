@@ -16,7 +16,9 @@ pub struct RepairArgs {
     pub volume: PathBuf,
 }
 
-pub async fn run(_cli: &Cli, args: &RepairArgs) -> Result<()> {
+pub async fn run(cli: &Cli, args: &RepairArgs) -> Result<()> {
+    // repair needs no configuration, but a named file that is missing or invalid is still an error.
+    super::config::Config::load(cli.config.as_deref())?;
     let path = &args.volume;
     let backend =
         FileBackend::open_exclusive(path).with_context(|| format!("opening {} failed", path.display()))?;

@@ -109,6 +109,20 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         limits.shutdown_timeout = Duration::from_secs(secs);
     }
     let server = &config.server;
+    // A zero in any of these makes the server reject every client, so it is a mistake.
+    let nonzero = [
+        ("handshake_timeout_secs", server.handshake_timeout_secs),
+        ("max_options", server.max_options.map(u64::from)),
+        ("max_connections", server.max_connections.map(|n| n as u64)),
+        ("max_connections_per_export", server.max_connections_per_export.map(|n| n as u64)),
+        ("max_in_flight_bytes", server.max_in_flight_bytes.map(u64::from)),
+        ("stall_timeout_secs", server.stall_timeout_secs),
+    ];
+    for (key, value) in nonzero {
+        if value == Some(0) {
+            bail!("[server] {key} must be at least 1");
+        }
+    }
     if let Some(secs) = server.handshake_timeout_secs {
         limits.handshake_timeout = Duration::from_secs(secs);
     }
@@ -125,12 +139,13 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
         limits.transmission.max_in_flight_bytes = bytes;
     }
     if let Some(bytes) = server.max_total_in_flight_bytes {
+        let minimum = 2 * u64::from(crate::engine::MAX_PAYLOAD);
+        if bytes < minimum {
+            bail!("[server] max_total_in_flight_bytes {bytes} is below {minimum}, two maximum-size requests");
+        }
         limits.transmission.set_max_total_in_flight_bytes(bytes);
     }
     if let Some(secs) = server.stall_timeout_secs {
-        if secs == 0 {
-            bail!("[server] stall_timeout_secs must be at least 1");
-        }
         limits.transmission.stall_timeout = Duration::from_secs(secs);
     }
     if let Some(bytes) = server.max_payload {

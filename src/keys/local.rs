@@ -34,19 +34,30 @@ impl LocalKeystore {
         &self.dir
     }
 
-    /// The default directory: `$XDG_DATA_HOME/nbdcrypt/keys` (or `~/.local/share/...`), and
-    /// `/var/lib/nbdcrypt/keys` for root.
+    /// Returns the default directory: `/var/lib/nbdcrypt/keys` for root, else
+    /// `$XDG_DATA_HOME/nbdcrypt/keys`, else `$HOME/.local/share/nbdcrypt/keys`, with the home
+    /// directory from the password database when `HOME` is unset. Relative values of the
+    /// variables are ignored, as the XDG base directory specification requires, so the
+    /// only copy of a key never lands below the current directory.
     #[allow(unsafe_code)]
-    pub fn default_dir() -> PathBuf {
+    pub fn default_dir() -> Result<PathBuf, KeyError> {
         // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            return PathBuf::from("/var/lib/nbdcrypt/keys");
+        let uid = unsafe { libc::geteuid() };
+        if uid == 0 {
+            return Ok(PathBuf::from("/var/lib/nbdcrypt/keys"));
         }
-        if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-            return PathBuf::from(data).join("nbdcrypt/keys");
+        let absolute =
+            |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|path| path.is_absolute());
+        if let Some(data) = absolute("XDG_DATA_HOME") {
+            return Ok(data.join("nbdcrypt/keys"));
         }
-        let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
-        PathBuf::from(home).join(".local/share/nbdcrypt/keys")
+        match absolute("HOME").or_else(|| home_from_passwd(uid)) {
+            Some(home) => Ok(home.join(".local/share/nbdcrypt/keys")),
+            None => Err(KeyError::Keystore {
+                path: String::new(),
+                reason: format!("no home directory is known for user {uid}; give --keystore DIR"),
+            }),
+        }
     }
 
     fn key_path(&self, key_id: &str) -> Result<PathBuf, KeyError> {
@@ -175,6 +186,26 @@ impl KeyProvider for LocalKeystore {
             Err(e) => Health::Unavailable(e.to_string()),
         }
     }
+}
+
+/// Returns the absolute home directory of `uid` from the password database.
+#[allow(unsafe_code)]
+fn home_from_passwd(uid: libc::uid_t) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero `passwd` (null pointers, zero ids) is a valid value of this C struct.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes only into `entry` and `buffer`, whose sizes it is given. It
+    // sets `result` to null or to `&mut entry`, and the strings it stores point into `buffer`.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut result) };
+    if rc != 0 || result.is_null() || entry.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: on success `pw_dir` is a NUL-terminated string inside `buffer`, alive here.
+    let dir = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) };
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    dir.is_absolute().then_some(dir)
 }
 
 /// Key ids become file names, so only a safe character set is accepted: no path separators,

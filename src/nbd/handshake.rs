@@ -204,6 +204,11 @@ where
 
                 let Some(attach_guard) = export.try_attach(limits.max_connections_per_export) else {
                     let message = format!("export {:?} has reached its connection limit", export.name());
+                    tracing::warn!(
+                        export = export.name(),
+                        max_connections_per_export = limits.max_connections_per_export,
+                        "rejected NBD_OPT_GO: the export has reached its connection limit"
+                    );
                     send_error(stream, option, REP_ERR_POLICY, &message).await?;
                     continue;
                 };

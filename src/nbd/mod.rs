@@ -36,7 +36,11 @@ impl ExportTable {
     pub fn new(exports: Vec<Arc<Export>>) -> Result<Self, String> {
         for (i, export) in exports.iter().enumerate() {
             if exports[..i].iter().any(|other| other.name() == export.name()) {
-                return Err(format!("two exports are named {:?}; give each a unique --name", export.name()));
+                return Err(format!(
+                    "two exports are named {:?}: give each [[exports]] entry of the configuration file \
+                     a unique name",
+                    export.name()
+                ));
             }
         }
         Ok(ExportTable { exports })
