@@ -30,8 +30,9 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE", env = "NBDCRYPT_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Local keystore directory, overriding the configured path
-    /// [default: $XDG_DATA_HOME/nbdcrypt/keys, or /var/lib/nbdcrypt/keys for root].
+    /// Local keystore directory, overriding the configured path [default:
+    /// /var/lib/nbdcrypt/keys for root, else $XDG_DATA_HOME/nbdcrypt/keys, else
+    /// ~/.local/share/nbdcrypt/keys].
     #[arg(long, global = true, value_name = "DIR", env = "NBDCRYPT_KEYSTORE")]
     pub keystore: Option<PathBuf>,
 
