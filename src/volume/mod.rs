@@ -125,9 +125,20 @@ impl VolumeHeader {
             Ok(header) => vec![header.header_area_size],
             Err(_) => binary::ALLOWED_HEADER_AREA_SIZES.to_vec(),
         };
+        // Without a primary, every offset the format allows is tried. When none holds a
+        // valid copy, the error reported is the one at the smallest offset, where the
+        // secondary copy of an nbdcrypt volume sits, unless a larger offset at least has a
+        // header magic.
         let mut secondary = Err(VolumeError::NotLuks2 { offset: secondary_offsets[0] });
-        for offset in secondary_offsets {
-            secondary = read_copy(file, offset);
+        for (index, offset) in secondary_offsets.into_iter().enumerate() {
+            let copy = read_copy(file, offset);
+            let found_magic = !matches!(copy, Err(VolumeError::NotLuks2 { .. }));
+            if index == 0
+                || copy.is_ok()
+                || (found_magic && matches!(secondary, Err(VolumeError::NotLuks2 { .. })))
+            {
+                secondary = copy;
+            }
             if secondary.is_ok() {
                 break;
             }

@@ -70,7 +70,11 @@ fn both_damaged_is_an_error() {
     let (file, _key, _) = new_volume();
     file.as_file().write_all_at(&[0xff; 64], 4200).unwrap();
     file.as_file().write_all_at(&[0xff; 64], HEADER_AREA_SIZE + 4200).unwrap();
-    assert!(matches!(VolumeHeader::read(file.as_file()), Err(VolumeError::NoValidHeader { .. })));
+    let error = VolumeHeader::read(file.as_file()).unwrap_err();
+    assert!(matches!(error, VolumeError::NoValidHeader { .. }));
+    // The secondary copy's own error is reported, not that of a larger offset without one.
+    let message = error.to_string();
+    assert!(message.contains(&format!("offset {HEADER_AREA_SIZE} is corrupt")), "{message}");
 }
 
 #[test]
