@@ -499,13 +499,38 @@ const NON_READERS: usize = 8;
 const NON_READER_REQUESTS: u64 = 64;
 /// Server-wide in-flight bound of the second test.
 const TOTAL_IN_FLIGHT_MIB: u64 = 64;
+/// Minimum transfer rate of the second test, in MiB per second.
+const MIN_RATE_MIB: u64 = 4;
+/// Write payload that the trickling client sends one byte at a time.
+const TRICKLE_PAYLOAD_MIB: u64 = 4;
+
+/// Starts a client that sends a write payload of `TRICKLE_PAYLOAD_MIB` one byte every 200 ms:
+/// progress within every stall timeout, but far below the minimum rate. Returns how long
+/// the server took to close it.
+fn start_payload_trickle(socket: &Path) -> thread::JoinHandle<Duration> {
+    let mut stream = connect(socket);
+    assert_eq!(attach(&mut stream), REP_ACK);
+    thread::spawn(move || {
+        let started = Instant::now();
+        stream.write_all(&request(CMD_WRITE, 1, 0, (TRICKLE_PAYLOAD_MIB << 20) as u32)).unwrap();
+        while started.elapsed() < Duration::from_secs(60) {
+            if stream.write_all(&[0x42]).is_err() {
+                return started.elapsed();
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the trickling client was still connected after 60 s");
+    })
+}
 
 #[test]
 fn stalled_transmission_clients_are_bounded_and_closed() {
     let workspace = Workspace::new();
     let server_table = format!(
-        "stall_timeout_secs = {STALL_TIMEOUT_SECS}\nmax_total_in_flight_bytes = {}\n",
-        TOTAL_IN_FLIGHT_MIB << 20
+        "stall_timeout_secs = {STALL_TIMEOUT_SECS}\nmax_total_in_flight_bytes = {}\n\
+         min_transfer_rate = {}\n",
+        TOTAL_IN_FLIGHT_MIB << 20,
+        MIN_RATE_MIB << 20
     );
     let (server, baseline) = start_measured_server(&workspace, "64M", &server_table);
     let pid = server.pid();
@@ -518,6 +543,7 @@ fn stalled_transmission_clients_are_bounded_and_closed() {
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let peak_rss = sample_peak_rss(pid, Arc::clone(&stop_sampling));
     let started = Instant::now();
+    let trickle = start_payload_trickle(&socket);
     let payload = pseudo_random(4096, 9);
     let stalled_payloads = start_stalled_payloads(&socket, &payload);
     // Each non-reader requests 2 GiB in 32 MiB reads. Without a bound that counts replies
@@ -534,7 +560,7 @@ fn stalled_transmission_clients_are_bounded_and_closed() {
             stream
         })
         .collect();
-    let opened = baseline.fds + 1 + (STALLED_PER_KIND + NON_READERS) as u64;
+    let opened = baseline.fds + 2 + (STALLED_PER_KIND + NON_READERS) as u64;
 
     // Before the stall timeout, every connection is open.
     thread::sleep(Duration::from_secs(STALL_TIMEOUT_SECS) / 2);
@@ -550,7 +576,7 @@ fn stalled_transmission_clients_are_bounded_and_closed() {
 
     // After it, the server has closed the stalled and non-reading clients, and only the
     // idle one is left.
-    let after = wait_for_fds(pid, baseline.fds + 1, Duration::from_secs(STALL_TIMEOUT_SECS + 20));
+    let after = wait_for_fds(pid, baseline.fds + 1, Duration::from_secs(STALL_TIMEOUT_SECS + 40));
     stop_sampling.store(true, Ordering::Relaxed);
     let peak_rss_kib = peak_rss.join().unwrap();
     eprintln!("after the stall timeout ({:?}): {after:?}; peak RSS {peak_rss_kib} KiB", started.elapsed());
@@ -558,7 +584,20 @@ fn stalled_transmission_clients_are_bounded_and_closed() {
         after.fds,
         baseline.fds + 1,
         "stalled clients were not closed {} s after the stall timeout: {after:?}",
-        20
+        40
+    );
+
+    // The trickling client made progress within every stall timeout, so only the rate
+    // check closed it: after the stall timeout plus its payload at the minimum rate.
+    let allowed = Duration::from_secs(STALL_TIMEOUT_SECS + TRICKLE_PAYLOAD_MIB / MIN_RATE_MIB);
+    let closed_after = trickle.join().unwrap();
+    assert!(
+        closed_after >= allowed,
+        "the trickling client was closed after {closed_after:?}, before {allowed:?}"
+    );
+    assert!(
+        closed_after <= allowed + Duration::from_secs(10),
+        "the trickling client was closed only after {closed_after:?}; {allowed:?} were allowed"
     );
     // Replies in flight are bounded by the server-wide budget. On top of that, the buffer
     // pool keeps up to 64 MiB of freed buffers, and the io_uring region is 32 MiB.

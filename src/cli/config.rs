@@ -77,6 +77,9 @@ pub struct ServerConfig {
     /// Seconds a client may make no progress inside a write payload or while a reply is
     /// written to it before it is disconnected.
     pub stall_timeout_secs: Option<u64>,
+    /// Slowest rate, in bytes per second, at which a client may send a write payload or read
+    /// a reply, beyond the stall timeout; 0 turns the check off.
+    pub min_transfer_rate: Option<u64>,
     /// Largest READ or WRITE payload advertised, in bytes (at most 32 MiB).
     pub max_payload: Option<u32>,
     /// I/O backend of every export: "uring" or "threads"; by default io_uring when the

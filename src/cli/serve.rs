@@ -148,6 +148,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<()> {
     if let Some(secs) = server.stall_timeout_secs {
         limits.transmission.stall_timeout = Duration::from_secs(secs);
     }
+    if let Some(rate) = server.min_transfer_rate {
+        limits.transmission.min_transfer_rate = rate;
+    }
     if let Some(bytes) = server.max_payload {
         if !(4096..=crate::engine::MAX_PAYLOAD).contains(&bytes) {
             bail!("[server] max_payload {bytes} is outside 4096..=33554432");

@@ -43,6 +43,10 @@ pub const DEFAULT_MAX_TOTAL_IN_FLIGHT_BYTES: u64 = 1 << 30;
 /// written to it.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default slowest rate, in bytes per second, at which a client may send a write payload
+/// or read a reply, beyond the stall timeout's grace.
+pub const DEFAULT_MIN_TRANSFER_RATE: u64 = 1024 * 1024;
+
 /// Bounds of the transmission phase. Clones share one server-wide budget.
 #[derive(Debug, Clone)]
 pub struct TransmissionLimits {
@@ -51,6 +55,11 @@ pub struct TransmissionLimits {
     /// Time without progress after which a client stalled inside a write payload, or one
     /// that does not read a reply being written, is disconnected.
     pub stall_timeout: Duration,
+    /// Slowest rate in bytes per second at which a payload or reply may move: a transfer of `len`
+    /// bytes must finish within `stall_timeout + len / min_transfer_rate`. Zero turns the
+    /// check off. Without it, a client trickling one byte per interval would keep the
+    /// request's share of the in-flight budgets indefinitely.
+    pub min_transfer_rate: u64,
     /// Permits of [`BUDGET_UNIT`] bytes shared by every connection of the server.
     server_budget: Arc<Semaphore>,
     server_budget_units: u32,
@@ -72,6 +81,14 @@ impl TransmissionLimits {
     pub fn max_total_in_flight_bytes(&self) -> u64 {
         u64::from(self.server_budget_units) * u64::from(BUDGET_UNIT)
     }
+
+    /// Returns the time a transfer of `len` bytes may take, or None when the rate check is off.
+    fn transfer_deadline(&self, len: usize) -> Option<Duration> {
+        if self.min_transfer_rate == 0 {
+            return None;
+        }
+        Some(self.stall_timeout + Duration::from_secs_f64(len as f64 / self.min_transfer_rate as f64))
+    }
 }
 
 impl Default for TransmissionLimits {
@@ -80,6 +97,7 @@ impl Default for TransmissionLimits {
             // Two maximum-size requests, so a 32 MiB request never waits for itself.
             max_in_flight_bytes: 2 * MAX_PAYLOAD,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            min_transfer_rate: DEFAULT_MIN_TRANSFER_RATE,
             server_budget: Arc::new(Semaphore::new(0)),
             server_budget_units: 0,
         };
@@ -114,6 +132,18 @@ enum Reply {
         offset: u64,
         data: ReadOutput,
     },
+}
+
+impl Reply {
+    /// Returns the bytes of read data the reply carries.
+    fn data_len(&self) -> usize {
+        match self {
+            Reply::Simple { data, .. } | Reply::Structured { data, .. } => {
+                data.as_ref().map_or(0, |data| data.data().len())
+            }
+            Reply::DataChunk { data, .. } => data.data().len(),
+        }
+    }
 }
 
 /// One structured reply chunk: fixed fields in `fields`, then `data` bytes of the reply.
@@ -152,7 +182,7 @@ where
     // Replies carry their permits: a reply's memory counts until it has been written.
     let (reply_tx, reply_rx) = mpsc::unbounded_channel::<(Reply, Permits)>();
     let writer = StallGuard::new(writer, limits.stall_timeout);
-    let writer_task = tokio::spawn(write_replies(writer, reply_rx));
+    let writer_task = tokio::spawn(write_replies(writer, reply_rx, limits.clone()));
 
     let result = loop {
         let mut header = [0u8; REQUEST_HEADER_LEN];
@@ -206,13 +236,16 @@ where
                     request.len
                 )));
             }
+            let len = request.len as usize;
             let read = if request.len > context.max_payload {
                 // Above the advertised maximum but within 32 MiB: consume and reject it, so
                 // the connection stays usable.
-                skip_payload(&mut reader, request.len as usize, limits.stall_timeout).await
+                within(limits.transfer_deadline(len), skip_payload(&mut reader, len, limits.stall_timeout))
+                    .await
             } else {
-                let buffer = payload.insert(context.export.buffer_pool().take(request.len as usize));
-                read_payload(&mut reader, buffer, limits.stall_timeout).await
+                let buffer = payload.insert(context.export.buffer_pool().take(len));
+                within(limits.transfer_deadline(len), read_payload(&mut reader, buffer, limits.stall_timeout))
+                    .await
             };
             if let Err(e) = read {
                 // A client that vanishes mid-payload gets nothing written.
@@ -455,18 +488,36 @@ fn error_reply(context: &Context, request: &Request, code: u32, message: &str) -
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut replies: mpsc::UnboundedReceiver<(Reply, Permits)>,
+    limits: TransmissionLimits,
 ) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(256 * 1024, writer);
     while let Some((reply, permits)) = replies.recv().await {
-        write_one(&mut writer, &reply).await?;
+        within(limits.transfer_deadline(reply.data_len()), write_one(&mut writer, &reply)).await?;
         drop((reply, permits));
         while let Ok((reply, permits)) = replies.try_recv() {
-            write_one(&mut writer, &reply).await?;
+            within(limits.transfer_deadline(reply.data_len()), write_one(&mut writer, &reply)).await?;
             drop((reply, permits));
         }
         writer.flush().await?;
     }
     writer.shutdown().await
+}
+
+/// Runs the transfer `io`, failing with `TimedOut` when it has not finished by `deadline`.
+async fn within<T>(deadline: Option<Duration>, io: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    let Some(deadline) = deadline else {
+        return io.await;
+    };
+    match tokio::time::timeout(deadline, io).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "client moved data slower than the minimum transfer rate ({} s allowed)",
+                deadline.as_secs()
+            ),
+        )),
+    }
 }
 
 /// Reads a write payload into `buffer`, failing when no byte arrives for `stall`.
