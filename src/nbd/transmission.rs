@@ -28,7 +28,7 @@ use super::consts::*;
 use super::handshake::{eof_is_disconnect, Session};
 use super::{error_code, NbdError};
 use crate::backend::IoBuffer;
-use crate::engine::{EngineError, Export, ReadOutput, ZeroOptions, MAX_PAYLOAD};
+use crate::engine::{EngineError, Export, ReadOutput, ZeroOptions, BLOCK_STATUS_SCAN_BUDGET, MAX_PAYLOAD};
 
 /// Length of a request header on the wire.
 const REQUEST_HEADER_LEN: usize = 28;
@@ -82,12 +82,14 @@ impl TransmissionLimits {
         u64::from(self.server_budget_units) * u64::from(BUDGET_UNIT)
     }
 
-    /// Returns the time a transfer of `len` bytes may take, or None when the rate check is off.
+    /// Returns the time a transfer of `len` bytes may take, or None when the rate check is
+    /// off or the time is too large to represent.
     fn transfer_deadline(&self, len: usize) -> Option<Duration> {
         if self.min_transfer_rate == 0 {
             return None;
         }
-        Some(self.stall_timeout + Duration::from_secs_f64(len as f64 / self.min_transfer_rate as f64))
+        let transfer = Duration::try_from_secs_f64(len as f64 / self.min_transfer_rate as f64).ok()?;
+        self.stall_timeout.checked_add(transfer)
     }
 }
 
@@ -208,9 +210,7 @@ where
             break Ok(());
         }
 
-        // Budget: reads reserve their reply size, writes their payload.
-        let carries_bytes = matches!(request.command, CMD_READ | CMD_WRITE) && request.len <= MAX_PAYLOAD;
-        let units = if carries_bytes { request.len.div_ceil(BUDGET_UNIT).max(1) } else { 1 };
+        let units = budget_units(&request, &context);
         let reserve = async {
             let connection = Arc::clone(&budget)
                 .acquire_many_owned(units.min(budget_permits))
@@ -316,6 +316,24 @@ impl Request {
             len: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
         }
     }
+}
+
+/// Returns the budget units a request reserves: its payload or reply size for READ and
+/// for a WRITE whose payload is kept, the largest reply it can produce for BLOCK_STATUS,
+/// and one unit otherwise.
+fn budget_units(request: &Request, context: &Context) -> u32 {
+    let bytes = match request.command {
+        CMD_READ | CMD_WRITE if request.len <= context.max_payload => u64::from(request.len),
+        CMD_BLOCK_STATUS => {
+            // One scanned sector can add a data extent and a hole extent after it, 8 bytes
+            // each, and the scan stops after BLOCK_STATUS_SCAN_BUDGET bytes of sectors.
+            let sector = context.export.sector_size().len_u64();
+            let sectors = u64::from(request.len).min(BLOCK_STATUS_SCAN_BUDGET).div_ceil(sector);
+            (2 * sectors + 1) * 8 + 4
+        }
+        _ => 0,
+    };
+    (bytes.div_ceil(u64::from(BUDGET_UNIT)) as u32).max(1)
 }
 
 /// Runs one request and builds its reply.
@@ -584,8 +602,12 @@ impl<W> StallGuard<W> {
             return poll;
         }
         if !self.waiting {
+            // A limit too large to add to the clock never fires.
+            let Some(deadline) = Instant::now().checked_add(self.limit) else {
+                return Poll::Pending;
+            };
             self.waiting = true;
-            self.timer.as_mut().reset(Instant::now() + self.limit);
+            self.timer.as_mut().reset(deadline);
         }
         ready!(self.timer.as_mut().poll(cx));
         Poll::Ready(Err(io::Error::new(
@@ -658,4 +680,41 @@ async fn write_chunk_header<W: AsyncWrite + Unpin>(
     header[8..16].copy_from_slice(&cookie.to_be_bytes());
     header[16..20].copy_from_slice(&(len as u32).to_be_bytes());
     writer.write_all(&header).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes 4 KiB through a guard with `limit` to a peer that never reads, so the write
+    /// stays pending beyond the 64-byte pipe, and gives up after 300 ms.
+    async fn write_to_stuck_peer(limit: Duration) -> Result<io::Result<()>, tokio::time::error::Elapsed> {
+        let (client, _server) = tokio::io::duplex(64);
+        let mut guard = StallGuard::new(client, limit);
+        tokio::time::timeout(Duration::from_millis(300), guard.write_all(&[7u8; 4096])).await
+    }
+
+    #[tokio::test]
+    async fn stall_guard_fails_a_stuck_write() {
+        let outcome = write_to_stuck_peer(Duration::from_millis(50)).await;
+        let error = outcome.expect("the guard did not fire within 300 ms").unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn stall_guard_with_a_huge_limit_waits() {
+        // Adding Duration::MAX to the clock overflows; the guard then never fires.
+        let outcome = write_to_stuck_peer(Duration::MAX).await;
+        assert!(outcome.is_err(), "the write finished or failed: {outcome:?}");
+    }
+
+    #[test]
+    fn transfer_deadline_handles_extremes() {
+        let mut limits = TransmissionLimits { min_transfer_rate: 1 << 20, ..TransmissionLimits::default() };
+        assert_eq!(limits.transfer_deadline(32 << 20), Some(DEFAULT_STALL_TIMEOUT + Duration::from_secs(32)));
+        limits.stall_timeout = Duration::MAX;
+        assert_eq!(limits.transfer_deadline(32 << 20), None);
+        limits.min_transfer_rate = 0;
+        assert_eq!(limits.transfer_deadline(1), None);
+    }
 }
