@@ -647,3 +647,17 @@ fn serve_rejects_limits_that_refuse_every_client() {
         assert!(stderr.contains(expected), "`{line}` gave: {stderr}");
     }
 }
+
+#[test]
+fn truncated_volume_file_is_rejected() {
+    let ws = Workspace::new();
+    let volume = ws.create_volume("short.img", "8M", &[]);
+    let file = fs::OpenOptions::new().write(true).open(&volume).unwrap();
+    file.set_len(file.metadata().unwrap().len() - (4 << 20)).unwrap();
+    drop(file);
+
+    let output = ws.nbdcrypt(&["serve", "--listen", "127.0.0.1:0", volume.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a truncated volume was served");
+    assert!(stderr.contains("data segment needs 8388608 bytes"), "{stderr}");
+}

@@ -157,7 +157,7 @@ fn prepare_backing_store(
         file.set_len(DATA_OFFSET + size).with_context(|| format!("sizing {} failed", path.display()))?;
         drop(file);
         let backend = FileBackend::open_exclusive(path)?;
-        return Ok((backend, None));
+        return Ok((backend, Some(size)));
     };
 
     if !metadata.is_file() && !metadata.file_type().is_block_device() {
@@ -180,23 +180,28 @@ fn prepare_backing_store(
         if available == 0 {
             bail!("{} is too small: it must hold the 16 MiB header area plus one sector", path.display());
         }
-        return match requested {
+        return match requested.map(|size| size.div_ceil(sector) * sector) {
             Some(size) if size > available => {
                 bail!("--size {size} exceeds the {available} bytes the device holds after the header")
             }
-            Some(size) => Ok((backend, Some(size / sector * sector))),
+            Some(size) => Ok((backend, Some(size))),
             None => Ok((backend, None)),
         };
     }
 
+    // A regular file gets a fixed segment size, so a file that was later truncated fails to
+    // open instead of being served smaller.
     match requested {
         Some(size) => {
             let size = size.div_ceil(sector) * sector;
             backend.file().set_len(DATA_OFFSET + size)?;
             drop(backend);
-            Ok((FileBackend::open_exclusive(path)?, None))
+            Ok((FileBackend::open_exclusive(path)?, Some(size)))
         }
-        None if backend.len_bytes() >= DATA_OFFSET + sector => Ok((backend, None)),
+        None if backend.len_bytes() >= DATA_OFFSET + sector => {
+            let size = (backend.len_bytes() - DATA_OFFSET) / sector * sector;
+            Ok((backend, Some(size)))
+        }
         None => bail!(
             "{} holds {} bytes, too small for the 16 MiB header area plus one sector; give --size",
             path.display(),
