@@ -71,7 +71,7 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
     let created_file = !args.volume.exists();
     let result = format_volume(args, &*provider, requested, sector_size).await;
     if result.is_err() && created_file {
-        // Leave nothing behind: a half-made volume would need --force the next time.
+        // Leave nothing behind: the file holds no usable volume.
         if let Err(e) = std::fs::remove_file(&args.volume) {
             tracing::warn!(path = %args.volume.display(), error = %e, "removing the unfinished volume file failed");
         }
