@@ -615,9 +615,56 @@ fn failed_create_leaves_no_file_behind() {
     assert!(!output.status.success(), "create succeeded with a 0755 keystore");
     assert!(!second.exists(), "a failed create left {} behind", second.display());
 
-    // After the keystore is fixed, the same command works without --force.
+    // A failed --force over an existing volume leaves that volume as it was: the key is
+    // made before anything is written.
+    let first = ws.path("first.img");
+    let before = fs::read(&first).unwrap();
+    let output = ws.nbdcrypt(&["create", "--force", first.to_str().unwrap()]);
+    assert!(!output.status.success(), "create --force succeeded with a 0755 keystore");
+    assert!(fs::read(&first).unwrap() == before, "a failed create --force changed the existing volume");
+
+    // A dangling symbolic link is reported, not replaced or removed.
+    let link = ws.path("dangling.img");
+    std::os::unix::fs::symlink(ws.path("missing-target.img"), &link).unwrap();
     fs::set_permissions(ws.keystore(), fs::Permissions::from_mode(0o700)).unwrap();
+    let output = ws.nbdcrypt(&["create", link.to_str().unwrap(), "--size", "1M"]);
+    assert!(!output.status.success(), "create wrote through a dangling symlink");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("symbolic link to a missing file"));
+    assert!(fs::symlink_metadata(&link).is_ok(), "a failed create removed a symlink it did not make");
+
+    // After the keystore is fixed, the same command works without --force, and no
+    // temporary file is left in the directory.
     ws.create_volume("second.img", "16M", &[]);
+    let leftovers: Vec<_> = fs::read_dir(ws.dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+}
+
+#[test]
+fn concurrent_creates_of_one_path_let_one_win() {
+    let ws = Workspace::new();
+    ws.create_volume("warmup.img", "1M", &[]);
+    for round in 0..10 {
+        let path = ws.path(&format!("race{round}.img"));
+        let spawn = || {
+            Command::new(BIN)
+                .arg("--keystore")
+                .arg(ws.keystore())
+                .args(["create", path.to_str().unwrap(), "--size", "1M"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (first, second) = (spawn(), spawn());
+        let outputs = [first.wait_with_output().unwrap(), second.wait_with_output().unwrap()];
+        let winners = outputs.iter().filter(|output| output.status.success()).count();
+        assert_eq!(winners, 1, "round {round}: {winners} of two creates of one path succeeded");
+        run(Command::new(BIN).args(["info", path.to_str().unwrap()]));
+    }
 }
 
 #[test]

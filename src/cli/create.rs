@@ -68,15 +68,16 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
         }
     }
 
-    let created_file = !args.volume.exists();
-    let result = format_volume(args, &*provider, requested, sector_size).await;
-    if result.is_err() && created_file {
-        // Leave nothing behind: the file holds no usable volume.
-        if let Err(e) = std::fs::remove_file(&args.volume) {
-            tracing::warn!(path = %args.volume.display(), error = %e, "removing the unfinished volume file failed");
-        }
+    // A new file is built under a temporary name and linked into place only when complete,
+    // so a failed or interrupted create leaves nothing at the path, and two creates of one
+    // path cannot both succeed. The temporary file is removed when `staging` drops.
+    let (backend, segment_size, staging) =
+        prepare_backing_store(&args.volume, requested, sector_size, args.force)?;
+    let (header, data_len, key_id) =
+        format_volume(args, backend, &*provider, segment_size, sector_size).await?;
+    if let Some(staging) = &staging {
+        staging.publish()?;
     }
-    let (header, data_len, key_id) = result?;
 
     outln!("created {}", args.volume.display());
     outln!("uuid:          {}", header.uuid);
@@ -87,23 +88,18 @@ pub async fn run(cli: &Cli, args: &CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Sizes the backing store, creates the key-encryption key and writes the header.
+/// Creates the key-encryption key, then clears the header area, wipes the data area when
+/// asked, and writes the header last. A key provider failure therefore changes nothing on
+/// disk, and an interrupted wipe leaves no header that would make the volume look finished.
 /// Returns the header, the export size and the key id.
 async fn format_volume(
     args: &CreateArgs,
+    backend: FileBackend,
     provider: &dyn KeyProvider,
-    requested: Option<u64>,
+    segment_size: Option<u64>,
     sector_size: SectorSize,
 ) -> Result<(VolumeHeader, u64, String)> {
-    let (backend, segment_size) = prepare_backing_store(&args.volume, requested, sector_size, args.force)?;
     let backend = Arc::new(backend);
-
-    // Remove whatever was in the header and keyslot areas (an old LUKS keyslot holds key
-    // material) before the new header goes in.
-    backend
-        .write_zeroes(0, DATA_OFFSET, ZeroMode { may_unmap: true, fast_only: false })
-        .with_context(|| format!("clearing the header area of {} failed", args.volume.display()))?;
-
     let uuid = uuid::Uuid::new_v4().to_string();
     let volume_key = VolumeKey::generate()?;
     let key_id = provider
@@ -119,23 +115,67 @@ async fn format_volume(
     };
 
     let mut header = VolumeHeader::new(uuid, &volume_key, segment_size, sector_size, token)?;
-    header.write(backend.file()).context("writing the LUKS2 header failed")?;
     let (data_offset, data_len) = header.data_area(backend.len_bytes())?;
 
+    // Remove whatever was in the header and keyslot areas (an old LUKS keyslot holds key
+    // material) before the new header goes in.
+    backend
+        .write_zeroes(0, DATA_OFFSET, ZeroMode { may_unmap: true, fast_only: false })
+        .with_context(|| format!("clearing the header area of {} failed", args.volume.display()))?;
     if args.wipe {
         wipe(&backend, &volume_key, sector_size, data_offset, data_len)?;
     }
+    header.write(backend.file()).context("writing the LUKS2 header failed")?;
     Ok((header, data_len, key_id))
 }
 
+/// A new volume file under a temporary name in the directory of its final path.
+struct Staging {
+    temporary: PathBuf,
+    path: PathBuf,
+}
+
+impl Staging {
+    /// Links the finished file at its final path; fails, leaving that path alone, when
+    /// anything appeared there meanwhile.
+    fn publish(&self) -> Result<()> {
+        std::fs::hard_link(&self.temporary, &self.path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!(
+                    "{} was created by someone else while this volume was being made",
+                    self.path.display()
+                )
+            } else {
+                anyhow::Error::new(e)
+                    .context(format!("linking the new volume to {} failed", self.path.display()))
+            }
+        })?;
+        // The temporary name is removed on drop; the volume lives on under its final path.
+        let directory = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(directory)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("syncing directory {} failed", directory.display()))?;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.temporary) {
+            tracing::warn!(path = %self.temporary.display(), error = %e, "removing the temporary volume file failed");
+        }
+    }
+}
+
 /// Opens or creates the backing store, checks it is safe to overwrite, and sizes it.
-/// Returns the store and the fixed segment size (`None` for "to the end of the device").
+/// Returns the store, the fixed segment size (`None` for "to the end of the device"), and
+/// for a new file the temporary name it was created under.
 fn prepare_backing_store(
     path: &Path,
     requested: Option<u64>,
     sector_size: SectorSize,
     force: bool,
-) -> Result<(FileBackend, Option<u64>)> {
+) -> Result<(FileBackend, Option<u64>, Option<Staging>)> {
     let sector = sector_size.len_u64();
     let metadata = match std::fs::metadata(path) {
         Ok(metadata) => Some(metadata),
@@ -144,20 +184,18 @@ fn prepare_backing_store(
     };
 
     let Some(metadata) = metadata else {
+        if std::fs::symlink_metadata(path).is_ok() {
+            bail!("{} is a symbolic link to a missing file; remove it or give its target", path.display());
+        }
         let size = requested
             .with_context(|| format!("{} does not exist; give --size to create it", path.display()))?;
         let size = size.div_ceil(sector) * sector;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("creating {} failed", path.display()))?;
+        let staging = new_staging_file(path)?;
+        let file = OpenOptions::new().write(true).open(&staging.temporary)?;
         file.set_len(DATA_OFFSET + size).with_context(|| format!("sizing {} failed", path.display()))?;
         drop(file);
-        let backend = FileBackend::open_exclusive(path)?;
-        return Ok((backend, Some(size)));
+        let backend = FileBackend::open_exclusive(&staging.temporary)?;
+        return Ok((backend, Some(size), Some(staging)));
     };
 
     if !metadata.is_file() && !metadata.file_type().is_block_device() {
@@ -184,8 +222,8 @@ fn prepare_backing_store(
             Some(size) if size > available => {
                 bail!("--size {size} exceeds the {available} bytes the device holds after the header")
             }
-            Some(size) => Ok((backend, Some(size))),
-            None => Ok((backend, None)),
+            Some(size) => Ok((backend, Some(size), None)),
+            None => Ok((backend, None, None)),
         };
     }
 
@@ -194,13 +232,20 @@ fn prepare_backing_store(
     match requested {
         Some(size) => {
             let size = size.div_ceil(sector) * sector;
+            if DATA_OFFSET + size < backend.len_bytes() && !force {
+                bail!(
+                    "--size {size} would truncate {} from {} bytes; use --force to shrink it",
+                    path.display(),
+                    backend.len_bytes()
+                );
+            }
             backend.file().set_len(DATA_OFFSET + size)?;
             drop(backend);
-            Ok((FileBackend::open_exclusive(path)?, Some(size)))
+            Ok((FileBackend::open_exclusive(path)?, Some(size), None))
         }
         None if backend.len_bytes() >= DATA_OFFSET + sector => {
             let size = (backend.len_bytes() - DATA_OFFSET) / sector * sector;
-            Ok((backend, Some(size)))
+            Ok((backend, Some(size), None))
         }
         None => bail!(
             "{} holds {} bytes, too small for the 16 MiB header area plus one sector; give --size",
@@ -208,6 +253,20 @@ fn prepare_backing_store(
             backend.len_bytes()
         ),
     }
+}
+
+/// Creates an empty file with mode 0600 under a fresh temporary name next to `path`.
+fn new_staging_file(path: &Path) -> Result<Staging> {
+    let name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let temporary = path.with_file_name(format!(".{}.nbdcrypt-{suffix}.tmp", name.to_string_lossy()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("creating {} failed", temporary.display()))?;
+    Ok(Staging { temporary, path: path.to_path_buf() })
 }
 
 /// Names a known on-disk signature found in the first bytes of `file`, if any.

@@ -75,6 +75,8 @@ pub enum VolumeError {
 pub struct VolumeHeader {
     pub uuid: String,
     pub label: String,
+    /// The LUKS2 subsystem field: empty on volumes nbdcrypt creates, kept as found otherwise.
+    pub subsystem: String,
     pub seqid: u64,
     pub header_area_size: u64,
     pub metadata: Metadata,
@@ -104,6 +106,7 @@ impl VolumeHeader {
         Ok(VolumeHeader {
             uuid,
             label: String::new(),
+            subsystem: String::new(),
             seqid: 1,
             header_area_size: HEADER_AREA_SIZE,
             metadata: Metadata::new(segment, digest, HEADER_AREA_SIZE, token),
@@ -145,6 +148,11 @@ impl VolumeHeader {
         }
 
         match (primary, secondary) {
+            (Ok(p), Ok(s)) if p.uuid != s.uuid => Err(VolumeError::Header(format!(
+                "the two header copies belong to different volumes (primary UUID {}, secondary \
+                 UUID {}); neither is chosen",
+                p.uuid, s.uuid
+            ))),
             (Ok(p), Ok(s)) => {
                 let stale = p.seqid != s.seqid;
                 let mut chosen = if s.seqid > p.seqid { s } else { p };
@@ -187,7 +195,7 @@ impl VolumeHeader {
                 label: self.label.clone(),
                 salt: random_salt()?,
                 uuid: self.uuid.clone(),
-                subsystem: String::new(),
+                subsystem: self.subsystem.clone(),
                 header_offset: offset,
             };
             let area = binary.encode_area(&json)?;
@@ -262,6 +270,7 @@ fn read_copy<S: HeaderSource + ?Sized>(file: &S, offset: u64) -> Result<VolumeHe
     Ok(VolumeHeader {
         uuid: binary.uuid,
         label: binary.label,
+        subsystem: binary.subsystem,
         seqid: binary.seqid,
         header_area_size: binary.header_area_size,
         metadata,

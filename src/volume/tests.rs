@@ -78,6 +78,17 @@ fn both_damaged_is_an_error() {
 }
 
 #[test]
+fn copies_of_different_volumes_are_an_error() {
+    let (file, _key, _) = new_volume();
+    let (other, _other_key, _) = new_volume();
+    let mut secondary = vec![0u8; HEADER_AREA_SIZE as usize];
+    FileExt::read_exact_at(other.as_file(), &mut secondary, HEADER_AREA_SIZE).unwrap();
+    file.as_file().write_all_at(&secondary, HEADER_AREA_SIZE).unwrap();
+    let message = VolumeHeader::read(file.as_file()).unwrap_err().to_string();
+    assert!(message.contains("belong to different volumes"), "{message}");
+}
+
+#[test]
 fn crash_between_copies_opens_newer_secondary() {
     let (file, _key, mut header) = new_volume();
     let before = header.seqid;
