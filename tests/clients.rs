@@ -707,4 +707,9 @@ fn truncated_volume_file_is_rejected() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a truncated volume was served");
     assert!(stderr.contains("data segment needs 8388608 bytes"), "{stderr}");
+
+    // repair has nothing to rewrite in the header, but says the volume is unusable.
+    let output = ws.nbdcrypt(&["repair", volume.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the volume cannot be served"), "repair did not warn: {stderr}");
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::Cli;
-use crate::backend::FileBackend;
+use crate::backend::{Backend, FileBackend};
 use crate::volume::VolumeHeader;
 
 #[derive(Debug, Args)]
@@ -24,6 +24,11 @@ pub async fn run(cli: &Cli, args: &RepairArgs) -> Result<()> {
         FileBackend::open_exclusive(path).with_context(|| format!("opening {} failed", path.display()))?;
     let mut header = VolumeHeader::read(backend.file())
         .with_context(|| format!("{} has no valid header copy to repair from", path.display()))?;
+    // The header may be fine while the data area is not, for a file truncated after create.
+    // That is reported, since repairing the header does not make such a volume usable.
+    if let Err(problem) = header.data_area(backend.len_bytes()) {
+        eprintln!("warning: {}: the volume cannot be served: {problem}", path.display());
+    }
     if !header.needs_repair {
         outln!(
             "{}: both header copies are valid and current (seqid {}); nothing to repair",
