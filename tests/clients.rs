@@ -263,6 +263,16 @@ fn create_refuses_existing_filesystem_without_force() {
     // An existing LUKS header is protected too.
     let output = ws.nbdcrypt(&["create", path.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("LUKS"));
+
+    // So is a virtual disk image, whatever --size says.
+    require_tool("qemu-img");
+    let image = ws.path("disk.qcow2");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "64M"]));
+    let before = fs::read(&image).unwrap();
+    let output = ws.nbdcrypt(&["create", image.to_str().unwrap(), "--size", "16M"]);
+    assert!(!output.status.success(), "create overwrote a qcow2 image without --force");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("qcow2"));
+    assert!(fs::read(&image).unwrap() == before, "a refused create changed the qcow2 image");
 }
 
 #[test]

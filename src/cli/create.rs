@@ -282,7 +282,7 @@ fn detect_signature(file: &std::fs::File) -> Result<Option<&'static str>> {
     let head = &head[..filled];
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
 
-    let checks: [(bool, &'static str); 10] = [
+    let checks: [(bool, &'static str); 14] = [
         (at(0, b"LUKS\xba\xbe"), "a LUKS header"),
         (at(0x4000, b"SKUL\xba\xbe"), "a LUKS2 secondary header"),
         (at(1080, &[0x53, 0xef]), "an ext2/ext3/ext4 file system"),
@@ -293,6 +293,11 @@ fn detect_signature(file: &std::fs::File) -> Result<Option<&'static str>> {
         (at(536, b"LABELONE") || at(512, b"LABELONE"), "an LVM2 physical volume"),
         (at(0x8001, b"CD001"), "an ISO 9660 file system"),
         (at(510, &[0x55, 0xaa]), "a boot sector or MBR partition table"),
+        // Virtual disk images, which `create` on an image file would otherwise destroy.
+        (at(0, b"QFI\xfb"), "a qcow2 image"),
+        (at(0, b"KDMV"), "a VMDK image"),
+        (at(0, b"vhdxfile"), "a VHDX image"),
+        (at(0x40, &[0x7f, 0x10, 0xda, 0xbe]), "a VirtualBox VDI image"),
     ];
     Ok(checks.into_iter().find(|(found, _)| *found).map(|(_, name)| name))
 }
