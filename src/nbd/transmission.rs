@@ -509,12 +509,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     limits: TransmissionLimits,
 ) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some((reply, permits)) = replies.recv().await {
-        within(limits.transfer_deadline(reply.data_len()), write_one(&mut writer, &reply)).await?;
-        drop((reply, permits));
-        while let Ok((reply, permits)) = replies.try_recv() {
+    while let Some(first) = replies.recv().await {
+        let mut next = Some(first);
+        while let Some((reply, permits)) = next {
             within(limits.transfer_deadline(reply.data_len()), write_one(&mut writer, &reply)).await?;
             drop((reply, permits));
+            next = replies.try_recv().ok();
         }
         writer.flush().await?;
     }
