@@ -264,7 +264,7 @@ fn create_refuses_existing_filesystem_without_force() {
     let output = ws.nbdcrypt(&["create", path.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("LUKS"));
 
-    // So is a virtual disk image, whatever --size says.
+    // So is a virtual disk image, whatever size --size requests.
     require_tool("qemu-img");
     let image = ws.path("disk.qcow2");
     run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "64M"]));
@@ -531,7 +531,7 @@ fn repair_rewrites_a_damaged_header_copy() {
     assert!(fs::read(&volume).unwrap() == before, "a failed repair changed the volume");
 }
 
-/// The access mode (`O_ACCMODE` bits of the open flags) of every descriptor of process
+/// Returns the access mode (`O_ACCMODE` bits of the open flags) of every descriptor of process
 /// `pid` that refers to `path`.
 fn access_modes(pid: u32, path: &std::path::Path) -> Vec<u32> {
     let path = fs::canonicalize(path).unwrap();
@@ -718,7 +718,7 @@ fn truncated_volume_file_is_rejected() {
     assert!(!output.status.success(), "a truncated volume was served");
     assert!(stderr.contains("data segment needs 8388608 bytes"), "{stderr}");
 
-    // repair has nothing to rewrite in the header, but says the volume is unusable.
+    // repair has nothing to rewrite in the header, but reports that the volume is unusable.
     let output = ws.nbdcrypt(&["repair", volume.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("the volume cannot be served"), "repair did not warn: {stderr}");

@@ -117,7 +117,7 @@ async fn format_volume(
     let mut header = VolumeHeader::new(uuid, &volume_key, segment_size, sector_size, token)?;
     let (data_offset, data_len) = header.data_area(backend.len_bytes())?;
 
-    // Remove whatever was in the header and keyslot areas (an old LUKS keyslot holds key
+    // Remove whatever was in the header and keyslot areas (an old LUKS keyslot contains key
     // material) before the new header goes in.
     backend
         .write_zeroes(0, DATA_OFFSET, ZeroMode { may_unmap: true, fast_only: false })

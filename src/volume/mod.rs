@@ -128,7 +128,7 @@ impl VolumeHeader {
             Ok(header) => vec![header.header_area_size],
             Err(_) => binary::ALLOWED_HEADER_AREA_SIZES.to_vec(),
         };
-        // Without a primary, every offset the format allows is tried. When none holds a
+        // Without a primary, every offset the format allows is tried. When none contains a
         // valid copy, the error reported is the one at the smallest offset, where the
         // secondary copy of an nbdcrypt volume sits, unless a larger offset at least has a
         // header magic.
